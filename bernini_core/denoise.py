@@ -1,0 +1,161 @@
+"""The Bernini-R denoising loop: dual experts, in-context source streams, guidance, scheduler.
+
+Mirrors `GEN_Wanx22.sample` of the official renderer (spec/bernini.md §4.2–§4.7, §11.1):
+* initial noise from a CPU generator seeded with `seed`, float32, shape [1,16,T,H/8,W/8];
+* the high-noise expert while t ≥ boundary·1000, the low-noise one after; at the first
+  low-noise step omega_vid/img/txt are multiplied once by `omega_scale` and the idle
+  expert is offloaded;
+* source combos (§4.3): V = the first video only (sid 1); I = the images with their own ids
+  from 1; VI = videos then images on one id axis; ids interpolate to linspace(1, 5, n) when
+  there are more than `max_trained_src_id` sources;
+* the noisy target is cast to the DiT dtype for the forward; the scheduler steps the float32
+  latent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .errors import BerniniError
+from .renderer.rope import source_ids_for
+from .runtime import ModelHandle, Runtime
+from .sampling.guidance import APGConfig, Omegas, RendererGuidance
+from .sampling.schedulers import make_scheduler
+from .stages import PromptEmbeds, Sources
+from .text_encoder import pad_context
+
+LATENT_CHANNELS = 16
+VAE_STRIDE_T, VAE_STRIDE_S = 4, 8
+
+
+def force_4n_plus_1(num_frames: int) -> int:
+    """The official frame rule: num_frames // 4 * 4 + 1 (§4.8)."""
+    return max(int(num_frames) // VAE_STRIDE_T * VAE_STRIDE_T + 1, 1)
+
+
+def initial_noise(seed: int, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """The official initial noise (§11.1 item 4): CPU generator, float32, [1,16,T,H/8,W/8]."""
+    shape = (1, LATENT_CHANNELS, (num_frames - 1) // VAE_STRIDE_T + 1, height // VAE_STRIDE_S, width // VAE_STRIDE_S)
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+
+
+@dataclass
+class StreamCombos:
+    """The source latents and ids of each conditioning combo (target excluded)."""
+
+    none: tuple[list, list]
+    V: tuple[list, list]
+    I: tuple[list, list]
+    VI: tuple[list, list]
+
+    @classmethod
+    def build(cls, sources: Sources, *, use_source_ids: bool, max_trained: int, interpolate: bool) -> "StreamCombos":
+        def ids(n: int) -> list[float]:
+            if not use_source_ids:
+                return [0.0] * n
+            return source_ids_for(n, max_trained=max_trained, interpolate=interpolate)
+
+        videos, images = list(sources.videos), list(sources.images)
+        vi_ids = ids(len(videos) + len(images))
+        return cls(
+            none=([], []),
+            V=(videos[:1], vi_ids[:1]),
+            I=(images, ids(len(images))),
+            VI=(videos + images, vi_ids),
+        )
+
+    def get(self, combo: str) -> tuple[list, list]:
+        return getattr(self, combo)
+
+
+@dataclass
+class Experts:
+    high: ModelHandle
+    low: Optional[ModelHandle]
+    boundary: float  # switch_dit_boundary (0.875; 0 for a single expert)
+
+
+def renderer_denoise(
+    experts: Experts,
+    embeds: PromptEmbeds,
+    sources: Sources,
+    *,
+    num_frames: int,
+    height: int,
+    width: int,
+    guidance_mode: str,
+    num_inference_steps: int,
+    flow_shift: float,
+    omega_vid: float,
+    omega_img: float,
+    omega_txt: float,
+    omega_scale: float,
+    eta: float,
+    momentum: float,
+    norm_threshold: Sequence[float],
+    seed: int,
+    runtime: Runtime,
+    use_unipc: bool = True,
+    use_source_ids: bool = True,
+    max_trained_src_id: int = 5,
+    interpolate_src_id: bool = True,
+    on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+) -> torch.Tensor:
+    """Run the guided sampling; returns the normalised float32 latent [1,16,T,H/8,W/8] on the CPU."""
+    if height % 16 or width % 16:
+        raise BerniniError(f"height/width must be multiples of 16, got {height}x{width}.")
+    guidance = RendererGuidance(guidance_mode, APGConfig(eta=eta, momentum=momentum, norm_threshold=tuple(norm_threshold)))
+    if guidance.uses_apg and not use_unipc:
+        # The official CLI: UniPC is required by the *_apg modes (the Euler schedule ends at sigma 0,
+        # where the x-space conversion divides by zero).
+        raise BerniniError(f"guidance_mode {guidance_mode!r} needs the UniPC scheduler; drop --no-use_unipc "
+                           "or choose a non-APG mode (rv2v, v2v, v2v_chain, t2v).")
+    scheduler = make_scheduler(use_unipc, flow_shift)
+    scheduler.set_timesteps(int(num_inference_steps))
+    combos = StreamCombos.build(
+        sources, use_source_ids=use_source_ids, max_trained=max_trained_src_id, interpolate=interpolate_src_id
+    )
+    device = runtime.device
+    sample = initial_noise(seed, num_frames, height, width).to(device)
+
+    # One padded context per text arm, built once (constant across steps).
+    contexts = {
+        "pos": pad_context([embeds.positive]),
+        "neg": pad_context([embeds.negative]),
+    }
+    omegas = Omegas(vid=omega_vid, img=omega_img, txt=omega_txt)
+    boundary_t = experts.boundary * 1000.0
+    total = len(scheduler.timesteps)
+
+    current = experts.high
+    dit = current.load()
+    switched = False
+    try:
+        for index, t in enumerate(scheduler.timesteps):
+            runtime.check_interrupt()
+            if experts.low is not None and not switched and float(t) < boundary_t:
+                runtime.release(current)
+                current, switched = experts.low, True
+                dit = current.load()
+                omegas = omegas.scaled(omega_scale)
+            dtype = next(dit.parameters()).dtype
+            target = sample.to(dtype)
+            timestep = torch.full((1,), float(t), device=device)
+            eps = {}
+            for arm in guidance.arms(omegas):
+                latents, ids = combos.get(arm.combo)
+                streams = [lat.to(device=device, dtype=dtype) for lat in latents] + [target]
+                context = contexts[arm.text].to(device=device, dtype=dtype)
+                eps[arm] = dit(streams, list(ids) + [0.0], timestep, context)
+            velocity = guidance.combine(eps, omegas, sample=sample, sigma=scheduler.current_sigma)
+            sample = scheduler.step(velocity, sample)
+            runtime.progress("sample", index + 1, total)
+            if on_step is not None:
+                on_step(index, total, sample)
+    finally:
+        runtime.release(current)
+    return sample.float().cpu()

@@ -1,0 +1,253 @@
+"""Build the renderer's components from each supported on-disk layout (spec/bernini.md §2.3–§2.4).
+
+Every model is built on the meta device and filled shard by shard by `checkpoints.load_weights_`,
+casting each tensor to its final dtype as it arrives, so a checkpoint never exists twice in memory.
+Dtype policy (§11.3): Bernini-R DiT in the requested dtype with the fp32 islands, UMT5 in the
+requested dtype, VAE always fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .checkpoints import Layout, TensorSource, detect_layout, load_weights_, read_json, split_checkpoint_source
+from .errors import BerniniError
+from .keymaps.wan_dit import comfy_prefix, dit_key_from_original, is_original_wan_keys, strip_comfy_prefix
+from .quant import dequantize_fp8_state, fp8_format_of, fp8_ops, has_fp8_weights, normalize_quant_key
+from .renderer.config import DiTConfig
+from .renderer.transformer import BerniniDiT, is_fp32_param
+from .text_encoder import UMT5TextEncoder
+from .vae import VAEConfig, WanVAE
+
+log = logging.getLogger("bernini.loaders")
+
+WAN_HEAD_DIM = 128  # every released Wan / Bernini DiT (§11.2); single files carry no config
+
+
+@dataclass
+class RendererConfig:
+    """The renderer `config.json` fields inference uses (§2.3), with the official defaults."""
+
+    switch_dit_boundary: float = 0.875
+    shift: float = 3.0
+    use_unipc: bool = True
+    use_src_id_rotary_emb: bool = True
+    interpolate_src_id: bool = True
+    max_trained_src_id: int = 5
+    skip_transformer_2: bool = False
+    max_sequence_length: int = 512
+    wan22_base: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: Optional[dict] = None) -> "RendererConfig":
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values.update({k: v for k, v in (overrides or {}).items() if k in names})
+        unknown = sorted(set(overrides or {}) - names)
+        if unknown:
+            raise BerniniError(f"unknown renderer option(s) {unknown}; valid options: {sorted(names)}.")
+        return cls(**values)
+
+
+@dataclass
+class RendererComponents:
+    config: RendererConfig
+    dit_high: BerniniDiT
+    dit_low: Optional[BerniniDiT]
+    text_encoder: UMT5TextEncoder
+    vae: WanVAE
+
+
+# ---------------------------------------------------------------------------- single models
+def _dit_dtype_policy(dtype: torch.dtype, keep_fp32_islands: bool):
+    def dtype_for(name: str) -> torch.dtype:
+        return torch.float32 if keep_fp32_islands and is_fp32_param(name) else dtype
+
+    return dtype_for
+
+
+def build_dit(
+    config: DiTConfig,
+    source,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    keep_fp32_islands: bool = True,
+    key_map=None,
+    ops=None,
+    attention: str = "auto",
+    origin: Optional[str] = None,
+) -> BerniniDiT:
+    """A DiT built on meta and filled from `source` (TensorSource or iterable of shard dicts)."""
+    model = BerniniDiT(config, ops=ops, device="meta")
+    load_weights_(model, source, dtype_for=_dit_dtype_policy(dtype, keep_fp32_islands), key_map=key_map, origin=origin)
+    model.set_attention_backend(attention)
+    if any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in model.parameters()):
+        model.compute_dtype = dtype  # fp8 weights: activations in the requested dtype
+    return model.eval().requires_grad_(False)
+
+
+def dit_config_from_weights(shapes: dict[str, tuple], head_dim: int = WAN_HEAD_DIM) -> DiTConfig:
+    """Infer the DiT config of a config-less file (diffusers names) from its tensor shapes."""
+    try:
+        dim, in_channels = shapes["patch_embedding.weight"][:2]
+        num_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
+        return DiTConfig(
+            num_attention_heads=dim // head_dim,
+            attention_head_dim=head_dim,
+            in_channels=in_channels,
+            out_channels=shapes["proj_out.weight"][0] // 4,
+            text_dim=shapes["condition_embedder.text_embedder.linear_1.weight"][1],
+            freq_dim=shapes["condition_embedder.time_embedder.linear_1.weight"][1],
+            ffn_dim=shapes["blocks.0.ffn.net.0.proj.weight"][0],
+            num_layers=num_layers,
+        )
+    except (KeyError, ValueError, IndexError) as exc:
+        raise BerniniError(f"cannot infer the DiT configuration from the file's tensors (missing {exc}); "
+                           "is it a Wan2.x text-to-video diffusion model?") from None
+
+
+def load_dit_file(
+    path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    keep_fp8: bool = False,
+    keep_fp32_islands: bool = True,
+    head_dim: int = WAN_HEAD_DIM,
+    ops=None,
+    attention: str = "auto",
+) -> BerniniDiT:
+    """One expert from a single .safetensors file (ComfyUI's original Wan names or diffusers names;
+    bf16/fp16/fp32, or fp8 e4m3fn "scaled": dequantised to `dtype`, or kept fp8 with `keep_fp8`)."""
+    source = TensorSource.open(path)
+    fp8 = fp8_format_of(source) is not None  # also rejects nvfp4 / int8 files with a clear message
+    key_map = _single_file_key_map(source.keys())
+    shapes = {}
+    for key in source.keys():
+        mapped = key_map(key)
+        if mapped is not None:
+            shapes[mapped] = tuple(source.shape(key))
+    config = dit_config_from_weights(shapes, head_dim)
+    if fp8 and keep_fp8:
+        shards, ops = source.iter_shards(), fp8_ops(ops)
+    else:
+        shards = (dequantize_fp8_state(s, dtype) if has_fp8_weights(s) else s for s in source.iter_shards())
+    return build_dit(config, shards, dtype=dtype, keep_fp32_islands=keep_fp32_islands, key_map=key_map,
+                     ops=ops, attention=attention, origin=str(path))
+
+
+def _single_file_key_map(keys):
+    """Single-file key → our name: strip ComfyUI's wrapper prefix, rename fp8 side tensors, map original Wan
+    names to diffusers names; markers map to None (dropped)."""
+    keys = list(keys)
+    prefix = comfy_prefix(keys)
+    original = is_original_wan_keys(keys)
+
+    def key_map(key: str) -> Optional[str]:
+        name = normalize_quant_key(strip_comfy_prefix(key, prefix))
+        if name is None:
+            return None
+        return dit_key_from_original(name) if original else name
+
+    return key_map
+
+
+def load_vae(path, *, ops=None) -> WanVAE:
+    """The Wan 2.1 VAE from a diffusers `vae/` folder or a ComfyUI single file; always fp32 (§11.3)."""
+    from .keymaps.wan_vae import convert_vae_state_dict
+
+    path = Path(path)
+    config_file = path / "config.json"
+    config = VAEConfig.from_dict(read_json(config_file)) if path.is_dir() and config_file.is_file() else VAEConfig()
+    source = TensorSource.open(path)
+    # The VAE is small (0.5 GB fp32) and the layout test needs every key, so its shards are joined first.
+    state = convert_vae_state_dict({k: v for shard in source.iter_shards() for k, v in shard.items()})
+    with torch.device("meta"):
+        model = WanVAE(config, ops=ops)
+    load_weights_(model, state, dtype_for=lambda name: torch.float32, origin=str(path))
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------- whole renderers
+def load_renderer(
+    path,
+    *,
+    high_noise_ckpt: Optional[str] = None,
+    low_noise_ckpt: Optional[str] = None,
+    dtype: torch.dtype = torch.bfloat16,
+    attention: str = "auto",
+    overrides: Optional[dict[str, Any]] = None,
+    ops=None,
+) -> RendererComponents:
+    """UMT5, the experts and the VAE of a Bernini-R release.
+
+    * a Bernini-R-Diffusers folder (`transformer/`, `transformer_2/`, `text_encoder/`, ...);
+    * the split release: `high_noise_ckpt` + `low_noise_ckpt` with `path` = the renderer config folder
+      (its `wan22_base` names the Wan2.2 -Diffusers base) or the base folder itself.
+    """
+    path = Path(path)
+    if (high_noise_ckpt is None) != (low_noise_ckpt is None):
+        raise BerniniError("--high_noise_ckpt and --low_noise_ckpt must be given together; got only one of them.")
+    if high_noise_ckpt is not None:
+        return _load_split(path, Path(high_noise_ckpt), Path(low_noise_ckpt), dtype, attention, overrides or {}, ops)
+    layout = detect_layout(path)
+    if layout != Layout.RENDERER_DIFFUSERS:
+        raise BerniniError(
+            f"{str(path)!r} is a {layout.value}, not a Bernini-R-Diffusers folder. Pass a Bernini-R-Diffusers "
+            "folder, or the split checkpoints with --high_noise_ckpt/--low_noise_ckpt and their Wan2.2 base."
+        )
+    config = RendererConfig.from_dict(read_json(path / "config.json"), overrides)
+    dit_high = _load_expert_dir(path / "transformer", dtype, attention, ops)
+    dit_low = None
+    if not config.skip_transformer_2 and (path / "transformer_2").is_dir():
+        dit_low = _load_expert_dir(path / "transformer_2", dtype, attention, ops)
+    return RendererComponents(
+        config=config,
+        dit_high=dit_high,
+        dit_low=dit_low,
+        text_encoder=UMT5TextEncoder.from_pretrained(path / "text_encoder", path / "tokenizer", dtype=dtype),
+        vae=load_vae(path / "vae", ops=ops),
+    )
+
+
+def _load_expert_dir(folder: Path, dtype, attention, ops) -> BerniniDiT:
+    config = DiTConfig.from_dict(read_json(folder / "config.json"))
+    return build_dit(config, TensorSource.open(folder), dtype=dtype, attention=attention, ops=ops, origin=str(folder))
+
+
+def _load_split(path: Path, high: Path, low: Path, dtype, attention, overrides, ops) -> RendererComponents:
+    base, config_data = path, {}
+    if (path / "config.json").is_file():
+        data = read_json(path / "config.json")
+        if data.get("model_type") == "bernini_renderer":
+            config_data = data
+            wan_base = data.get("wan22_base")
+            if not (path / "text_encoder").is_dir() and wan_base:
+                base = Path(wan_base) if Path(wan_base).is_absolute() else (path / wan_base)
+                if not base.is_dir():
+                    base = Path(wan_base)
+    missing = [d for d in ("transformer", "text_encoder", "tokenizer", "vae") if not (base / d).exists()]
+    if missing:
+        raise BerniniError(
+            f"the split checkpoints need a Wan2.2 -Diffusers base folder (text_encoder/, tokenizer/, vae/, "
+            f"transformer/config.json); {str(base)!r} lacks {', '.join(missing)}. Pass that folder as --config."
+        )
+    config = RendererConfig.from_dict(config_data, overrides)
+    dit_config = DiTConfig.from_dict(read_json(base / "transformer" / "config.json"))
+    dit_high = build_dit(dit_config, split_checkpoint_source(high, "high"), dtype=dtype, attention=attention,
+                         ops=ops, origin=str(high))
+    low_config_file = base / "transformer_2" / "config.json"
+    low_config = DiTConfig.from_dict(read_json(low_config_file)) if low_config_file.is_file() else dit_config
+    dit_low = build_dit(low_config, split_checkpoint_source(low, "low"), dtype=dtype, attention=attention,
+                        ops=ops, origin=str(low))
+    return RendererComponents(
+        config=config,
+        dit_high=dit_high,
+        dit_low=dit_low,
+        text_encoder=UMT5TextEncoder.from_pretrained(base / "text_encoder", base / "tokenizer", dtype=dtype),
+        vae=load_vae(base / "vae", ops=ops),
+    )

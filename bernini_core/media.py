@@ -1,0 +1,464 @@
+"""Source media preprocessing and output writing (spec bernini.md §4.8, §11.4).
+
+Reproduces the official ``bernini/data_utils.py`` (``MaxLongEdgeMinShortEdgeResize``,
+``VAEVideoTransform``, ``smart_video_nframes``, ``preprocess_video/_image``) and
+``bernini/io_utils.py`` (``save_output``):
+
+* frames are resampled to ``fps`` by the official index rule, then each frame is
+  resized as an 8-bit RGB PIL image with PIL bicubic (what torchvision's
+  ``F.resize`` does on a PIL image, antialias included), then ``/255`` and
+  ``(x - 0.5) / 0.5`` in float32;
+* in-memory float frames are first rounded to 8 bit, so ComfyUI IMAGE frames
+  (uint8 / 255) give exactly the tensor the official gets from the file.
+
+Videos are decoded with PyAV (the official uses decord, which this package does
+not depend on); the frame count is the number of demuxed video packets, as
+decord counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .errors import BerniniError
+
+log = logging.getLogger(__name__)
+
+# io_utils.py: a single frame goes to an image file, several to a video file; an
+# extension of the wrong kind is replaced (".png" / ".mp4"), as the official does.
+_IMAGE_FORMATS = {".bmp": "BMP", ".gif": "GIF", ".jpeg": "JPEG", ".jpg": "JPEG", ".png": "PNG",
+                  ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
+_VIDEO_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".avi": "avi",
+                  ".webm": None}  # WebM cannot hold H.264: refused with a clear error
+_MP4_CRF = 8  # io_utils.py: libx264, yuv420p, crf 8
+
+
+# --------------------------------------------------------------------------- size and frame rules
+
+def _snapped(value: float, stride: int) -> int:
+    # data_utils.make_divisible without its max(stride, .) floor; Python round = banker's.
+    return int(round(value / stride) * stride)
+
+
+def _scale_pair(w: int, h: int, scale: float, stride: int, describe) -> tuple[int, int]:
+    out = []
+    for side in (w, h):
+        snapped = _snapped(round(side * scale), stride)
+        if snapped < stride:
+            # The official floors this side to `stride`, stretching the picture;
+            # we refuse instead (brief: a too-small source is a user error).
+            raise BerniniError(
+                f"{describe()} is too small: after the resize rule a side would be "
+                f"{round(side * scale)} px, under half the {stride}-px grid. Use a source whose sides "
+                f"are at least {stride} px after scaling its long edge to the size limit.")
+        out.append(snapped)
+    return out[0], out[1]
+
+
+def resized_size(h: int, w: int, *, max_long_edge: int, min_short_edge: int = 1, stride: int = 16,
+                 what: str = "image") -> tuple[int, int]:
+    """``(new_h, new_w)`` by the official MaxLongEdgeMinShortEdgeResize: long edge
+    ≤ ``max_long_edge`` (never upscaled for that), short edge ≥ ``min_short_edge``,
+    both snapped to multiples of ``stride``; one capping pass when the min-edge
+    rule pushed the long edge over the limit (so the result may exceed
+    ``max_long_edge`` by up to half a stride, e.g. 848 for a limit of 842)."""
+    h, w = int(h), int(w)
+    if h < 1 or w < 1:
+        raise BerniniError(f"{what} has an empty size {w}×{h} px.")
+    if max_long_edge < stride:
+        raise BerniniError(f"max_image_size is {max_long_edge}; it must be at least {stride}.")
+
+    def describe():
+        return f"{what} ({w}×{h} px)"
+
+    scale = min(max_long_edge / max(w, h), 1.0)
+    scale = max(scale, min_short_edge / min(w, h))
+    new_w, new_h = _scale_pair(w, h, scale, stride, describe)
+    if max(new_w, new_h) > max_long_edge:
+        scale = max_long_edge / max(new_w, new_h)
+        new_w, new_h = _scale_pair(new_w, new_h, scale, stride, describe)
+    return new_h, new_w
+
+
+def _initial_count(total_frames: int, video_fps: float, target_fps: float, frame_factor: int,
+                   add_one: bool) -> int:
+    # smart_video_nframes before the max_frames cap: the resampled length rounded
+    # down to frame_factor·n (+1), at least frame_factor (+1).
+    extra = int(add_one)
+    n = total_frames / video_fps * target_fps
+    n = math.floor(n / frame_factor) * frame_factor + extra
+    return max(n, frame_factor + extra)
+
+
+def smart_video_nframes(total_frames: int, video_fps: float, target_fps: float, *, frame_factor: int = 4,
+                        max_frames: int | None, add_one: bool = True) -> int:
+    """How many frames the official rule takes: the clip resampled to
+    ``target_fps`` rounded down to ``4n+1``, capped at ``max_frames // 4 * 4 + 1``.
+
+    That cap equals ``max_frames`` when it is already ``4n+1`` (the pipeline forces
+    ``num_frames`` to ``num_frames // 4 * 4 + 1``, §4.8); for ``max_frames = 4n`` it is
+    one more, exactly as the official. Very short clips still give 5 frames
+    (repeating frames)."""
+    count = _initial_count(total_frames, video_fps, target_fps, frame_factor, add_one)
+    if max_frames is not None:
+        count = min(count, (max_frames // frame_factor) * frame_factor + int(add_one))
+    return count
+
+
+def frame_indices(total_frames: int, video_fps: float, target_fps: float, n_frames: int, *,
+                  frame_factor: int = 4, add_one: bool = True) -> list[int]:
+    """The source frames taken, in order (repeats allowed). The official spreads
+    its uncapped count evenly over the whole clip and keeps the first
+    ``n_frames``, so a long clip yields its beginning at ``target_fps`` rather
+    than a sped-up summary. Indices are clamped to the clip, as the reader does."""
+    count = _initial_count(total_frames, video_fps, target_fps, frame_factor, add_one)
+    span = total_frames
+    if float(video_fps) == float(target_fps):
+        # Official quirk: the span itself is snapped to 4n+1 and may pass the end.
+        span = math.floor(total_frames / frame_factor) * frame_factor + int(add_one)
+    # torch float32 linspace + round-half-even, bit-for-bit the official computation.
+    idx = torch.linspace(0, span - 1, count, dtype=torch.float32).round().long().tolist()
+    idx = idx[:n_frames]
+    while len(idx) < n_frames:
+        idx.append(idx[-1])
+    last = total_frames - 1
+    return [min(max(i, 0), last) for i in idx]
+
+
+# --------------------------------------------------------------------------- decoding
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise BerniniError(f"{what} file {str(path)!r} does not exist; check the path.")
+
+
+def _open_container(path: Path):
+    import av
+
+    _require_file(path, "video")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise BerniniError(f"video {str(path)!r} cannot be decoded ({exc}); use an MP4/MOV/MKV/WebM video file.") \
+            from exc
+    if not container.streams.video:
+        container.close()
+        raise BerniniError(f"video {str(path)!r} has no video stream (0 frames); use a file that holds video.")
+    return container
+
+
+def _stream_fps(stream, path: Path) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate or rate <= 0:
+        raise BerniniError(f"video {str(path)!r} does not state a frame rate; re-encode it with a fixed fps.")
+    return float(rate)
+
+
+def _probe(path: Path) -> tuple[int, float]:
+    """(frame count, fps): the count is the number of video packets, like decord."""
+    import av
+
+    container = _open_container(path)
+    try:
+        stream = container.streams.video[0]
+        fps = _stream_fps(stream, path)
+        count = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    except av.error.FFmpegError as exc:
+        raise BerniniError(f"video {str(path)!r} cannot be decoded ({exc}).") from exc
+    finally:
+        container.close()
+    return count, fps
+
+
+def _decode(path: Path, wanted: set[int] | None) -> dict[int, np.ndarray]:
+    """Decode RGB24 frames by index (all when ``wanted`` is None), stopping after
+    the last wanted one."""
+    import av
+
+    container = _open_container(path)
+    frames: dict[int, np.ndarray] = {}
+    stop = max(wanted) if wanted else None
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            if wanted is None or i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if stop is not None and i >= stop:
+                break
+    except av.error.FFmpegError as exc:
+        raise BerniniError(f"video {str(path)!r} cannot be decoded ({exc}).") from exc
+    finally:
+        container.close()
+    return frames
+
+
+def read_video(path) -> tuple[np.ndarray, float]:
+    """All frames of a video file as uint8 ``[F, H, W, 3]`` RGB, and its fps."""
+    path = Path(path)
+    _, fps = _probe(path)
+    frames = _decode(path, None)
+    if not frames:
+        raise BerniniError(f"video {str(path)!r} is empty (0 frames).")
+    return np.stack([frames[i] for i in range(len(frames))]), fps
+
+
+# --------------------------------------------------------------------------- in-memory frames
+
+def _to_uint8(array, what: str) -> np.ndarray:
+    """uint8 or float 0..1 (numpy or torch) → uint8, floats rounded to 8 bit."""
+    if isinstance(array, torch.Tensor):
+        t = array.detach().cpu()
+        if t.dtype == torch.uint8:
+            return t.numpy()
+        if not t.is_floating_point():
+            raise BerniniError(f"{what} must be uint8 (0..255) or float (0..1), got {t.dtype}.")
+        return (t.float().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    a = np.asarray(array)
+    if a.dtype == np.uint8:
+        return a
+    if not np.issubdtype(a.dtype, np.floating):
+        raise BerniniError(f"{what} must be uint8 (0..255) or float (0..1), got {a.dtype}.")
+    return np.rint(np.clip(a.astype(np.float32), 0, 1) * 255).astype(np.uint8)
+
+
+def _check_frames_shape(shape, what: str) -> None:
+    if len(shape) != 4 or shape[-1] != 3:
+        raise BerniniError(f"{what} must be [frames, height, width, 3] RGB, got shape {tuple(shape)}.")
+    if shape[0] == 0:
+        raise BerniniError(f"{what} is empty (0 frames).")
+
+
+def _normalise(frames_u8: list[np.ndarray], size: tuple[int, int]) -> Tensor:
+    """Resize uint8 RGB frames (PIL bicubic) and map to float32 [-1, 1], [3, F, H, W]."""
+    h, w = size
+    resized = []
+    for f in frames_u8:
+        if f.shape[:2] != (h, w):  # the official skips resampling at the same size
+            f = np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC))
+        resized.append(f)
+    x = torch.from_numpy(np.stack(resized)).permute(3, 0, 1, 2).float()
+    # ToTensor (/255) then Normalize(0.5, 0.5), in this order and dtype, as the official.
+    return x.div(255).sub_(0.5).div_(0.5).contiguous()
+
+
+# --------------------------------------------------------------------------- public loaders
+
+def load_video(source, *, fps: float = 16, num_frames: int = 81, max_image_size: int = 848,
+               min_short_edge: int = 1, video_fps: float | None = None) -> Tensor:
+    """A source video as float32 ``[3, F', H', W']`` in [-1, 1] (OFF: preprocess_video).
+
+    ``source``: a path (decoded with PyAV) or frames ``[F, H, W, 3]`` (numpy/torch,
+    uint8 or float 0..1) whose rate is ``video_fps`` (default: ``fps``). Frames are
+    resampled to ``fps`` (``F' = smart_video_nframes(...)``), resized per
+    ``resized_size`` (``min_short_edge`` 1 for Bernini-R, 240 for full Bernini)."""
+    if num_frames < 1:
+        raise BerniniError(f"num_frames is {num_frames}; it must be at least 1.")
+    if not fps or fps <= 0:
+        raise BerniniError(f"fps is {fps}; it must be positive.")
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        what = f"video {str(path)!r}"
+        total, src_fps = _probe(path)
+        if total == 0:
+            raise BerniniError(f"{what} is empty (0 frames).")
+        n = smart_video_nframes(total, src_fps, fps, max_frames=num_frames)
+        idx = frame_indices(total, src_fps, fps, n)
+        decoded = _decode(path, set(idx))
+        if not decoded:
+            raise BerniniError(f"{what} has no decodable frames.")
+        # Like decord's fault tolerance: a frame the packets promised but the
+        # decoder did not deliver falls back to the last decoded one.
+        last = decoded[max(decoded)]
+        picked = [decoded.get(i, last) for i in idx]
+    else:
+        what = "video frames"
+        if not hasattr(source, "shape"):
+            source = np.asarray(source)
+        shape = tuple(source.shape)
+        _check_frames_shape(shape, what)
+        rate = fps if video_fps is None else video_fps
+        if rate <= 0:
+            raise BerniniError(f"video_fps is {video_fps}; it must be positive.")
+        total = shape[0]
+        n = smart_video_nframes(total, rate, fps, max_frames=num_frames)
+        idx = frame_indices(total, rate, fps, n)
+        unique = sorted(set(idx))
+        converted = dict(zip(unique, _to_uint8(source[unique], what)))
+        picked = [converted[i] for i in idx]
+
+    h, w = picked[0].shape[:2]
+    size = resized_size(h, w, max_long_edge=max_image_size, min_short_edge=min_short_edge, what=what)
+    return _normalise(picked, size)
+
+
+def load_image(source, *, max_image_size: int = 848, min_short_edge: int = 1) -> Tensor:
+    """A source / reference image as float32 ``[3, 1, H', W']`` in [-1, 1]
+    (OFF: preprocess_image). ``source``: a path, a PIL image, or an array
+    ``[H, W, 3]`` / ``[1, H, W, 3]`` (uint8 or float 0..1). Alpha is dropped
+    (PIL ``convert("RGB")``); EXIF orientation is not applied, as in the official."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        what = f"image {str(path)!r}"
+        _require_file(path, "image")
+        try:
+            with Image.open(path) as img:
+                rgb = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise BerniniError(f"{what} cannot be decoded ({exc}); use a PNG/JPEG/WebP image.") from exc
+    elif isinstance(source, Image.Image):
+        what = "image"
+        rgb = np.asarray(source.convert("RGB"))
+    else:
+        what = "image array"
+        if not hasattr(source, "shape"):
+            source = np.asarray(source)
+        shape = tuple(source.shape)
+        if len(shape) == 4 and shape[0] == 1:
+            source, shape = source[0], shape[1:]
+        if len(shape) != 3 or shape[-1] != 3:
+            raise BerniniError(f"{what} must be [height, width, 3] RGB, got shape {shape}.")
+        rgb = _to_uint8(source, what)
+    h, w = rgb.shape[:2]
+    size = resized_size(h, w, max_long_edge=max_image_size, min_short_edge=min_short_edge, what=what)
+    return _normalise([np.ascontiguousarray(rgb)], size)
+
+
+# --------------------------------------------------------------------------- output
+
+def _frames_for_saving(frames) -> np.ndarray:
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu()
+        frames = frames.numpy() if frames.dtype == torch.uint8 else frames.float().numpy()
+    a = np.asarray(frames)
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3 or a.shape[0] == 0:
+        raise BerniniError(f"output frames must be [frames, height, width, 3] RGB, got shape {a.shape}.")
+    if a.dtype == np.uint8:
+        return a
+    if not np.issubdtype(a.dtype, np.floating):
+        raise BerniniError(f"output frames must be uint8 or float 0..1, got {a.dtype}.")
+    # io_utils.py: clip to [0, 1], scale by 255 and truncate (astype), not round.
+    return (np.clip(a.astype(np.float32, copy=False), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _output_target(path: Path, n_frames: int) -> tuple[Path, str, str]:
+    """(final path, kind, container format) after the official extension rule."""
+    suffix = path.suffix.lower()
+    if n_frames == 1:
+        if suffix not in _IMAGE_FORMATS:
+            new = path.with_suffix(".png")
+            log.warning("one frame is saved as an image: writing %s instead of %s", new, path)
+            path, suffix = new, ".png"
+        return path, "image", _IMAGE_FORMATS[suffix]
+    if suffix not in _VIDEO_FORMATS:
+        new = path.with_suffix(".mp4")
+        log.warning("%d frames are saved as a video: writing %s instead of %s", n_frames, new, path)
+        path, suffix = new, ".mp4"
+    fmt = _VIDEO_FORMATS[suffix]
+    if fmt is None:
+        raise BerniniError(f"output {str(path)!r}: WebM cannot hold H.264 video; use a .mp4 path.")
+    return path, "video", fmt
+
+
+def _write_video(frames: np.ndarray, target: str, fmt: str, fps: float) -> None:
+    import av
+
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(target, mode="w", format=fmt) as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(_MP4_CRF)}
+        for frame in frames:
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            # ffmpeg's command line (used by the official imageio writer) converts with bicubic swscale.
+            video_frame = video_frame.reformat(format="yuv420p", interpolation="BICUBIC")
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_output(frames, path, *, fps: float, make_parents: bool = False) -> Path:
+    """Write frames ``[F, H, W, 3]`` (float 0..1 or uint8): one frame → image
+    (PNG unless the path names another image type), several → H.264 MP4
+    (libx264, yuv420p, crf 8) at ``fps``. Like the official, a path whose
+    extension does not fit the frame count gets ".png" / ".mp4" instead, and the
+    path actually written is returned. The file is written beside the target and
+    renamed into place, so a failure never destroys an existing file.
+    The parent folder must exist unless ``make_parents`` (the official pipeline
+    creates it before saving)."""
+    data = _frames_for_saving(frames)
+    final, kind, fmt = _output_target(Path(path), data.shape[0])
+    if kind == "video":
+        if not fps or not math.isfinite(fps) or fps <= 0:
+            raise BerniniError(f"fps is {fps}; it must be a positive number to write {str(final)!r}.")
+        if data.shape[1] % 2 or data.shape[2] % 2:
+            raise BerniniError(f"output {str(final)!r}: H.264 yuv420p needs an even width and height, "
+                               f"got {data.shape[2]}×{data.shape[1]}.")
+    parent = final.parent if str(final.parent) else Path(".")
+    if not parent.is_dir():
+        if not make_parents:
+            raise BerniniError(f"output folder {str(parent)!r} for {str(final)!r} does not exist; create it "
+                               "or choose another output path.")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BerniniError(f"cannot create output folder {str(parent)!r}: {exc}") from exc
+    if final.is_dir():
+        raise BerniniError(f"output path {str(final)!r} is a folder; give a file name.")
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=parent)
+        os.close(fd)
+    except OSError as exc:
+        raise BerniniError(f"cannot write to output folder {str(parent)!r} for {str(final)!r}: {exc}") from exc
+    try:
+        if kind == "image":
+            Image.fromarray(data[0]).save(tmp, format=fmt)
+        else:
+            _write_video(data, tmp, fmt, fps)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, final)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) or type(exc).__module__.startswith("av"):
+            raise BerniniError(f"writing {str(final)!r} failed: {exc}") from exc
+        raise
+    return final
+
+
+def check_output_path(path) -> None:
+    """Fail before a long run when the output can never be written: the nearest existing folder
+    above `path` must be a writable directory and `path` itself must not be a folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise BerniniError(f"output path {str(target)!r} is a folder; give a file name.")
+    parent = target.parent if str(target.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BerniniError(f"output path {str(target)!r} is not writable (folder {str(parent)!r} cannot be written); "
+                           "choose another output path.")

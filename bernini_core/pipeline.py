@@ -1,0 +1,273 @@
+"""BerniniPipeline: from_pretrained, __call__, and the stage methods the ComfyUI nodes use.
+
+`BerniniPipeline.from_pretrained(path)` reads the directory's layout (and `config.json`
+`model_type`, as the official `build_pipeline` does, spec/bernini.md §6.1) and returns the
+matching pipeline. Bernini-R (renderer only) is `RendererPipeline`; the full planner
+pipeline joins it with the planner issue.
+
+`__call__` reads top to bottom: settings (task preset + caller overrides) → encode prompt →
+prepare sources → sample → decode → optionally save.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from . import media
+from .denoise import Experts, force_4n_plus_1, renderer_denoise
+from .errors import BerniniError
+from .runtime import Runtime, resolve_dtype
+from .stages import BerniniOutput, PromptEmbeds, Sources
+from .tasks import check_sources, get_task, renderer_preset, resolve_settings
+from .text_encoder import negative_prompt, t5_negative_text, t5_positive_text
+
+log = logging.getLogger("bernini.pipeline")
+
+# Keywords a call accepts (official CLI names, design.md §4). Planner keywords are accepted by
+# every pipeline so one settings dict serves both families; the renderer ignores them, like the
+# official renderer pipeline's **kwargs.
+CALL_KEYWORDS = frozenset(
+    {
+        "num_frames", "height", "width", "max_image_size", "num_inference_steps", "guidance_mode",
+        "omega_vid", "omega_img", "omega_txt", "omega_tgt", "omega_scale", "planning_step",
+        "vit_denoising_step", "vit_txt_cfg", "vit_img_cfg", "flow_shift", "eta", "momentum",
+        "norm_threshold", "neg_prompt", "system_prompt", "fps", "video_fps", "seed",
+    }
+)
+
+
+def make_divisible(value: int, stride: int = 16) -> int:
+    """The official size snap: nearest multiple of `stride`, at least `stride` (§4.8)."""
+    return max(stride, int(round(value / stride) * stride))
+
+
+class BerniniPipeline:
+    """Base of every Bernini pipeline; `from_pretrained` picks the family from the directory."""
+
+    family = "bernini"
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "BerniniPipeline":
+        from .checkpoints import Layout, detect_layout
+
+        if kwargs.get("high_noise_ckpt") or kwargs.get("low_noise_ckpt"):
+            return RendererPipeline.from_pretrained(path, **kwargs)
+        layout = detect_layout(path)
+        if layout == Layout.BERNINI_FULL:
+            raise BerniniError(
+                f"{str(path)!r} is a full Bernini (planner + renderer) directory; this version runs Bernini-R "
+                "renderer directories only. Use a Bernini-R-Diffusers directory, or update the pack."
+            )
+        return RendererPipeline.from_pretrained(path, **kwargs)
+
+
+class RendererPipeline(BerniniPipeline):
+    """Bernini-R: UMT5 + one or two Wan DiT experts + Wan 2.1 VAE (spec §4, §5.3)."""
+
+    family = "bernini_renderer"
+
+    def __init__(self, components, runtime: Runtime):
+        self.components = components
+        self.config = components.config
+        self.runtime = runtime
+        self.text_encoder_handle = runtime.handle("umt5", components.text_encoder.module)
+        self.vae_handle = runtime.handle("vae", components.vae)
+        high = runtime.handle("dit_high", components.dit_high)
+        low = runtime.handle("dit_low", components.dit_low) if components.dit_low is not None else None
+        boundary = self.config.switch_dit_boundary if low is not None else 0.0
+        self.experts = Experts(high=high, low=low, boundary=boundary)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path,
+        *,
+        high_noise_ckpt: Optional[str] = None,
+        low_noise_ckpt: Optional[str] = None,
+        device="auto",
+        dtype="bf16",
+        attention: str = "auto",
+        offload: bool = True,
+        **config_overrides,
+    ) -> "RendererPipeline":
+        from .loaders import load_renderer
+
+        runtime = Runtime(device, offload=offload)
+        components = load_renderer(
+            path,
+            high_noise_ckpt=high_noise_ckpt,
+            low_noise_ckpt=low_noise_ckpt,
+            dtype=resolve_dtype(dtype),
+            attention=attention,
+            overrides={k: v for k, v in config_overrides.items() if v is not None},
+        )
+        return cls(components, runtime)
+
+    # ------------------------------------------------------------------ stages
+    def default_settings(self, task: str) -> dict[str, Any]:
+        return renderer_preset(task)
+
+    def encode_prompt(
+        self, task: str, prompt: str, neg_prompt: Optional[str] = None, system_prompt: Optional[str] = None
+    ) -> PromptEmbeds:
+        """UMT5 features of system_prompt + cleaned prompt and of the negative prompt (§4.4)."""
+        get_task(task)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BerniniError("prompt is empty: describe the image/video to generate or the edit to make.")
+        positive_text = t5_positive_text(task, prompt, system_prompt)
+        negative_text = t5_negative_text(neg_prompt if neg_prompt is not None else negative_prompt())
+        with self.runtime.use(self.text_encoder_handle):
+            positive, negative = self.components.text_encoder.encode([positive_text, negative_text])
+        return PromptEmbeds(
+            task=task,
+            positive=positive.cpu(),
+            negative=negative.cpu(),
+            positive_text=positive_text,
+            negative_text=negative_text,
+            model_family=self.family,
+        )
+
+    def prepare_sources(
+        self,
+        task: str,
+        *,
+        video=None,
+        image=None,
+        images=None,
+        fps: float = 16,
+        num_frames: int = 81,
+        max_image_size: int = 848,
+        video_fps: Optional[float] = None,
+        min_short_edge: int = 1,
+    ) -> Sources:
+        """Resize, resample and VAE-encode the sources by the official rules (§4.8)."""
+        spec = get_task(task)
+        videos = [] if video is None else (list(video) if isinstance(video, (list, tuple)) else [video])
+        refs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        if task in ("r2v", "rv2v") and image is not None:
+            # The official gradio routing merges a single reference image into `images` (§6.3).
+            refs, image = [image] + refs, None
+        check_sources(spec, n_videos=len(videos), has_image=image is not None, n_images=len(refs))
+
+        sources = Sources(task=task)
+        vae = self.components.vae
+        device = self.runtime.device
+        with self.runtime.use(self.vae_handle), torch.inference_mode():
+            for index, item in enumerate(videos):
+                pixels = media.load_video(
+                    item, fps=fps, num_frames=num_frames, max_image_size=max_image_size,
+                    min_short_edge=min_short_edge, video_fps=video_fps,
+                )
+                if index == 0:
+                    sources.frame_count, sources.height, sources.width = pixels.shape[1], pixels.shape[2], pixels.shape[3]
+                sources.videos.append(vae.encode(pixels.unsqueeze(0).to(device)).float().cpu())
+            for position, item in enumerate(([image] if image is not None else []) + refs):
+                pixels = media.load_image(item, max_image_size=max_image_size, min_short_edge=min_short_edge)
+                if position == 0 and image is not None and sources.height is None:
+                    sources.height, sources.width = pixels.shape[2], pixels.shape[3]
+                sources.images.append(vae.encode(pixels.unsqueeze(0).to(device)).float().cpu())
+        return sources
+
+    def sample(self, embeds: PromptEmbeds, sources: Sources, settings: dict[str, Any], on_step=None) -> torch.Tensor:
+        """Guided denoising; returns the normalised latent [1,16,T,H/8,W/8] (float32, CPU)."""
+        if embeds.model_family != self.family:
+            raise BerniniError(
+                f"the prompt embeddings were made for {embeds.model_family!r} but this is a {self.family!r} "
+                "renderer; encode the prompt with this model's text encoder."
+            )
+        num_frames, height, width = self.output_geometry(sources, settings)
+        cfg = self.config
+        return renderer_denoise(
+            self.experts,
+            embeds,
+            sources,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            guidance_mode=settings["guidance_mode"],
+            num_inference_steps=settings["num_inference_steps"],
+            flow_shift=settings["flow_shift"],
+            omega_vid=settings["omega_vid"],
+            omega_img=settings["omega_img"],
+            omega_txt=settings["omega_txt"],
+            omega_scale=settings["omega_scale"],
+            eta=settings["eta"],
+            momentum=settings["momentum"],
+            norm_threshold=settings["norm_threshold"],
+            seed=settings["seed"],
+            runtime=self.runtime,
+            use_unipc=cfg.use_unipc,
+            use_source_ids=cfg.use_src_id_rotary_emb,
+            max_trained_src_id=cfg.max_trained_src_id,
+            interpolate_src_id=cfg.interpolate_src_id,
+            on_step=on_step,
+        )
+
+    def output_geometry(self, sources: Sources, settings: dict[str, Any]) -> tuple[int, int, int]:
+        """Frames and size: from the first source video / the i2i image, else the settings (§4.8)."""
+        frames = sources.frame_count if sources.frame_count is not None else int(settings["num_frames"])
+        if get_task(sources.task).single_frame:
+            frames = 1
+        fixed = force_4n_plus_1(frames)
+        if fixed != frames:
+            log.warning("num_frames=%d is not of the form 4n+1; using %d as the official pipeline does.", frames, fixed)
+        height = sources.height if sources.height is not None else int(settings["height"])
+        width = sources.width if sources.width is not None else int(settings["width"])
+        if height <= 0 or width <= 0:
+            raise BerniniError(f"height/width must be positive when no source fixes the size, got {height}x{width}.")
+        return fixed, make_divisible(height), make_divisible(width)
+
+    def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
+        """Normalised latents → float32 frames [F,H,W,3] in 0..1 on the CPU."""
+        with self.runtime.use(self.vae_handle), torch.inference_mode():
+            video = self.components.vae.decode(latents.to(self.runtime.device, torch.float32), tiling=tiling)
+        frames = (video[0].float() / 2 + 0.5).clamp(0, 1)
+        return frames.permute(1, 2, 3, 0).contiguous().cpu()
+
+    # ------------------------------------------------------------------ call
+    def resolve(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(overrides) - CALL_KEYWORDS)
+        if unknown:
+            raise BerniniError(f"unknown keyword(s) {unknown}; valid keywords: {sorted(CALL_KEYWORDS)}.")
+        return resolve_settings(self.default_settings(task), overrides)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        task: str,
+        prompt: str,
+        *,
+        video=None,
+        image=None,
+        images=None,
+        output_path: Optional[str] = None,
+        **kwargs,
+    ) -> BerniniOutput:
+        settings = self.resolve(task, kwargs)
+        if output_path is not None:
+            media.check_output_path(output_path)
+        embeds = self.encode_prompt(task, prompt, settings.get("neg_prompt"), settings.get("system_prompt"))
+        sources = self.prepare_sources(
+            task,
+            video=video,
+            image=image,
+            images=images,
+            fps=settings["fps"],
+            num_frames=settings["num_frames"],
+            max_image_size=settings["max_image_size"],
+            video_fps=settings.get("video_fps"),
+        )
+        latents = self.sample(embeds, sources, settings)
+        frames = self.decode(latents)
+        out = BerniniOutput(
+            frames=frames,
+            latents=self.components.vae.denormalize(latents),
+            settings=settings,
+            prompt_text=embeds.positive_text,
+        )
+        if output_path is not None:
+            out.output_path = str(media.save_output(frames, output_path, fps=settings["fps"], make_parents=True))
+        return out

@@ -1,0 +1,234 @@
+"""fp8 e4m3fn "scaled" weights as ComfyUI / kijai ship them.
+
+Two on-disk forms exist (ComfyUI ``comfy/utils.py`` ``convert_old_quants``,
+``comfy/ops.py`` ``mixed_precision_ops``):
+
+* old: a ``scaled_fp8`` marker tensor plus ``<layer>.scale_weight`` (fp32, one value
+  per tensor) next to each fp8 ``<layer>.weight``; optionally ``<layer>.scale_input``;
+* new: ``<layer>.weight_scale`` plus ``<layer>.comfy_quant`` (JSON bytes as uint8,
+  ``{"format": "float8_e4m3fn"}``), optionally ``<layer>.input_scale``.
+
+In both the real weight is ``fp8_weight.float() * scale``. We either dequantise at
+load time (:func:`dequantize_fp8_state`) or keep the fp8 bytes in memory and
+dequantise per call (:class:`Fp8ScaledLinear`, built through :func:`fp8_ops`).
+"""
+
+import json
+import types
+from typing import Dict, Iterable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BerniniError
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+E4M3_MAX = 448.0
+
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+# Side tensors that carry no weight: the marker, per-layer format tags and
+# activation scales (we quantise activations dynamically, or not at all).
+_DROPPED_SUFFIXES = (".comfy_quant", ".scale_input", ".input_scale")
+
+
+def is_fp8(tensor: torch.Tensor) -> bool:
+    return tensor.dtype in FP8_DTYPES
+
+
+def _is_marker(key: str) -> bool:
+    return key == "scaled_fp8" or key.endswith(".scaled_fp8")
+
+
+def _check_comfy_quant(key: str, tag: torch.Tensor) -> None:
+    try:
+        conf = json.loads(bytes(tag.to(torch.uint8).tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BerniniError(f"Unreadable quantisation tag '{key}' in the checkpoint ({exc}).") from None
+    fmt = conf.get("format") if isinstance(conf, dict) else None
+    if fmt not in FP8_FORMATS:
+        raise BerniniError(
+            f"Checkpoint layer '{key[: -len('.comfy_quant')]}' is quantised as '{fmt}', which Bernini "
+            f"cannot load; use a bf16/fp16/fp32 or an fp8 e4m3fn 'scaled' file instead."
+        )
+
+
+def normalize_quant_key(key: str) -> Optional[str]:
+    """Name of a tensor for the keep-fp8 path: ``weight_scale`` -> ``scale_weight``; markers -> None."""
+    if _is_marker(key) or key.endswith(_DROPPED_SUFFIXES):
+        return None
+    if key.endswith(".weight_scale"):
+        return key[: -len(".weight_scale")] + ".scale_weight"
+    return key
+
+
+def has_fp8_weights(state: Dict[str, torch.Tensor]) -> bool:
+    return any(is_fp8(t) for t in state.values())
+
+
+def dequantize_fp8_state(sd: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """New dict where every fp8 ``<layer>.weight`` becomes ``(weight.float() * scale).to(dtype)``.
+
+    Scale tensors, the ``scaled_fp8`` marker and ``comfy_quant`` tags are dropped;
+    other tensors are passed through untouched (their dtype policy is the loader's).
+    An fp8 tensor without a scale is taken with scale 1. The input dict is not changed.
+    """
+    for key, tensor in sd.items():
+        if key.endswith(".comfy_quant"):
+            _check_comfy_quant(key, tensor)
+    out = {}
+    for key, tensor in sd.items():
+        if _is_marker(key) or key.endswith(_SCALE_SUFFIXES) or key.endswith(_DROPPED_SUFFIXES):
+            continue
+        if not is_fp8(tensor):
+            out[key] = tensor
+            continue
+        scale = None
+        if key.endswith(".weight"):
+            layer = key[: -len(".weight")]
+            scale = sd.get(layer + ".scale_weight", sd.get(layer + ".weight_scale"))
+        value = tensor.to(torch.float32)
+        if scale is not None:
+            value = value * scale.to(torch.float32)
+        out[key] = value.to(dtype)
+    return out
+
+
+def iter_dequantized(shards: Iterable[Dict[str, torch.Tensor]], dtype: torch.dtype) -> Iterator[dict]:
+    """Dequantise shard by shard (a layer's weight and scale must share a shard, as in every known file)."""
+    for shard in shards:
+        yield dequantize_fp8_state(shard, dtype)
+
+
+def fp8_format_of(source) -> Optional[str]:
+    """"float8_e4m3fn" / "float8_e5m2" when a checkpoint (a checkpoints.TensorSource) holds fp8 weights,
+    None for a plain float file. Reads headers and the tiny ``comfy_quant`` tags only; other quantisations
+    (nvfp4, int8, ...) raise a BerniniError saying which files are accepted."""
+    formats = set()
+    meta = source.metadata().get("_quantization_metadata")
+    if meta:
+        try:
+            layers = json.loads(meta).get("layers", {})
+        except (ValueError, AttributeError):
+            raise BerniniError(f"Checkpoint '{source.path}' has unreadable quantisation metadata.") from None
+        formats |= {conf.get("format") if isinstance(conf, dict) else conf for conf in layers.values()}
+    for key in source.keys():
+        if key.endswith(".comfy_quant"):
+            _check_comfy_quant(key, source.get(key))
+    unsupported = sorted(str(f) for f in formats if f not in FP8_FORMATS)
+    if unsupported:
+        raise BerniniError(f"Checkpoint '{source.path}' is quantised as {', '.join(unsupported)}, which Bernini "
+                           f"cannot load; use a bf16/fp16/fp32 or an fp8 e4m3fn 'scaled' file instead.")
+    found = {source.dtype(key) for key in source.keys()} & set(FP8_DTYPES)
+    if not found:
+        return None
+    return "float8_e4m3fn" if torch.float8_e4m3fn in found else "float8_e5m2"
+
+
+_CAPABILITY = {}
+
+
+def _supports_fp8_matmul(device: torch.device) -> bool:
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index) >= (8, 9)
+    return _CAPABILITY[index]
+
+
+class Fp8ScaledLinear(torch.nn.Module):
+    """A Linear that may hold its weight as fp8 plus one fp32 scale.
+
+    ``weight`` is whatever the checkpoint gave: fp8 (kept, 1 byte per value) or a
+    regular float tensor (then this is a plain Linear). fp8 weights are
+    dequantised on the fly to the input dtype, exactly ``weight.float() * scale``;
+    on CUDA devices of compute capability >= 8.9 a bf16/fp16 input can instead go
+    through ``torch._scaled_mm`` with a dynamic per-tensor input scale (what
+    ComfyUI does for fp8 files). That path is checked once per layer against the
+    dequantised result and abandoned if it disagrees or raises.
+    """
+
+    # The loader (checkpoints.load_weights_) consults these two hooks.
+    def _bernini_load_dtype(self, leaf: str, tensor: torch.Tensor, proposed: torch.dtype) -> torch.dtype:
+        if leaf == "weight" and is_fp8(tensor):
+            return tensor.dtype
+        if leaf == "scale_weight":
+            return torch.float32
+        return proposed
+
+    def _bernini_missing_defaults(self) -> dict:
+        return {"scale_weight": 1.0}  # layers stored unquantised have no scale
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 fp8_matmul: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = torch.nn.Parameter(torch.empty((out_features, in_features), device=device, dtype=dtype),
+                                         requires_grad=False)
+        if bias:
+            self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("scale_weight", torch.ones((), device=device, dtype=torch.float32))
+        self.fp8_matmul = fp8_matmul
+        self._fp8_matmul_state = None  # None: untested, True: verified, False: disabled
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight.dtype}"
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if is_fp8(self.weight):
+            return (self.weight.to(torch.float32) * self.scale_weight.to(torch.float32)).to(dtype)
+        return self.weight.to(dtype)
+
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _can_use_fp8_matmul(self, x: torch.Tensor) -> bool:
+        return (self.fp8_matmul and self._fp8_matmul_state is not False
+                and self.weight.dtype == torch.float8_e4m3fn and self.scale_weight.numel() == 1
+                and x.dtype in (torch.bfloat16, torch.float16)
+                and self.in_features % 16 == 0 and self.out_features % 16 == 0
+                and _supports_fp8_matmul(x.device))
+
+    def _fp8_matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        scale_in = (flat.abs().amax().to(torch.float32) / E4M3_MAX).clamp(min=1e-12)
+        x_fp8 = (flat.to(torch.float32) / scale_in).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=scale_in,
+                               scale_b=self.scale_weight.to(torch.float32).reshape(()),
+                               bias=bias, out_dtype=x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._can_use_fp8_matmul(x):
+            try:
+                out = self._fp8_matmul_forward(x)
+            except RuntimeError:
+                self._fp8_matmul_state = False
+                return self._reference_forward(x)
+            if self._fp8_matmul_state is None:
+                ref = self._reference_forward(x).float()
+                err = (out.float() - ref).norm() / ref.norm().clamp(min=1e-12)
+                self._fp8_matmul_state = bool(err < 0.1)  # fp8 activations cost ~1-3 % typically
+                if not self._fp8_matmul_state:
+                    return ref.to(x.dtype)
+            return out
+        return self._reference_forward(x)
+
+
+def fp8_ops(base_ops=None, *, fp8_matmul: bool = True):
+    """An ops namespace (see ops.py) whose Linear is :class:`Fp8ScaledLinear`, the rest from ``base_ops``."""
+    from .ops import resolve_ops
+
+    base = resolve_ops(base_ops)
+
+    class Linear(Fp8ScaledLinear):
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+            super().__init__(in_features, out_features, bias, device=device, dtype=dtype, fp8_matmul=fp8_matmul)
+
+    names = ("Conv2d", "Conv3d", "LayerNorm", "GroupNorm", "Embedding")
+    return types.SimpleNamespace(Linear=Linear, **{name: getattr(base, name) for name in names})

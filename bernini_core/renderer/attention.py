@@ -1,0 +1,145 @@
+"""The one attention function of the renderer, with selectable kernels.
+
+Layout everywhere: q, k, v are [B, L, heads, head_dim]; the result has q's layout and dtype.
+
+Backends (design.md §5): "sdpa" (torch scaled_dot_product_attention, always there), "flash"
+(FlashAttention-3 ``flash_attn_interface`` else FlashAttention-2 ``flash_attn``), "sage"
+(``sageattention``, quantised: never picked by "auto"), "auto" (on CUDA with fp16/bf16 inputs the
+best exact kernel that imports, like the official FA3 -> FA2 -> SDPA order in spec §4.1; else sdpa).
+
+The flash/sage kernels take no key mask: masked calls (cross-attention of a batch whose contexts
+have different lengths) always go through SDPA, which is exact and cheap for a few hundred keys.
+
+``set_sequence_parallel(handler)`` is the single place a multi-GPU (Ulysses-style) backend plugs in:
+when set, self-attention calls ``handler(q, k, v, local_attention)`` instead of the local kernel,
+where ``local_attention(q, k, v)`` runs the selected kernel on whatever shard the handler holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BerniniError
+
+BACKENDS = ("sdpa", "flash", "sage", "auto")
+
+_sequence_parallel_handler: Optional[Callable] = None
+
+
+def set_sequence_parallel(handler: Optional[Callable]) -> None:
+    """Route self-attention through ``handler(q, k, v, local_attention)``; None restores local attention."""
+    global _sequence_parallel_handler
+    _sequence_parallel_handler = handler
+
+
+def get_sequence_parallel() -> Optional[Callable]:
+    return _sequence_parallel_handler
+
+
+@functools.lru_cache(maxsize=None)
+def _import_optional(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except Exception:  # missing, or built against another torch/CUDA: treat as unavailable
+        return None
+
+
+def _flash_module():
+    """(module, is_fa3) for the best importable FlashAttention, or (None, False)."""
+    fa3 = _import_optional("flash_attn_interface")
+    if fa3 is not None and hasattr(fa3, "flash_attn_func"):
+        return fa3, True
+    fa2 = _import_optional("flash_attn")
+    if fa2 is not None and hasattr(fa2, "flash_attn_func"):
+        return fa2, False
+    return None, False
+
+
+def available_backends() -> list[str]:
+    """Concrete backends usable here ("auto" is always accepted on top of these)."""
+    names = ["sdpa"]
+    if _flash_module()[0] is not None:
+        names.append("flash")
+    sage = _import_optional("sageattention")
+    if sage is not None and hasattr(sage, "sageattn"):
+        names.append("sage")
+    return names
+
+
+def check_backend(name: Optional[str]) -> str:
+    """Validate a backend choice (None means "auto"); returns the normalised name."""
+    name = "auto" if name is None else str(name).lower()
+    if name not in BACKENDS:
+        raise BerniniError(
+            f"attention backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}."
+        )
+    if name in ("flash", "sage") and name not in available_backends():
+        package = "flash-attn (flash_attn / flash_attn_interface)" if name == "flash" else "sageattention"
+        raise BerniniError(
+            f"attention backend {name!r} is not available: {package} is not installed or does not import. "
+            f"Install it, or choose one of {', '.join(available_backends() + ['auto'])}."
+        )
+    return name
+
+
+def _resolve(name: str, q: torch.Tensor, masked: bool) -> str:
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if name == "auto":
+        return "flash" if (q.is_cuda and half and not masked and _flash_module()[0] is not None) else "sdpa"
+    if name in ("flash", "sage"):
+        if masked:
+            return "sdpa"
+        if not (q.is_cuda and half):
+            raise BerniniError(
+                f"attention backend {name!r} needs CUDA tensors in float16/bfloat16 (got {q.dtype} on "
+                f"{q.device}); run the model in bf16 on a GPU, or choose 'sdpa' / 'auto'."
+            )
+    return name
+
+
+def _sdpa(q, k, v, key_mask):
+    mask = None if key_mask is None else key_mask[:, None, None, :].to(device=q.device, dtype=torch.bool)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def _flash(q, k, v):
+    module, _ = _flash_module()
+    out = module.flash_attn_func(q, k, v, causal=False)
+    if isinstance(out, tuple):  # some FA3 releases also return the log-sum-exp
+        out = out[0]
+    return out
+
+
+def _sage(q, k, v):
+    return _import_optional("sageattention").sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+
+def _local_attention(q, k, v, *, key_mask, backend):
+    kernel = _resolve(backend, q, key_mask is not None)
+    if kernel == "flash":
+        return _flash(q, k, v)
+    if kernel == "sage":
+        return _sage(q, k, v)
+    return _sdpa(q, k, v, key_mask)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
+              backend: Optional[str] = None, self_attention: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v over [B, L, heads, head_dim] tensors.
+
+    key_mask: optional bool [B, Lk], True = key attended. self_attention: marks the calls that a
+    sequence-parallel handler (``set_sequence_parallel``) must take over.
+    """
+    backend = check_backend(backend)
+    if self_attention and _sequence_parallel_handler is not None:
+        if key_mask is not None:
+            raise BerniniError("sequence-parallel self-attention does not support a key mask.")
+        local = functools.partial(_local_attention, key_mask=None, backend=backend)
+        return _sequence_parallel_handler(q, k, v, local)
+    return _local_attention(q, k, v, key_mask=key_mask, backend=backend)

@@ -1,0 +1,127 @@
+"""Devices, dtypes and the offloading policy (design.md §5).
+
+Every large module (DiT experts, UMT5, VAE, later the planner) is held through one
+`ModelHandle`. Stages ask the runtime to `use(handle)` and never call `.to(device)`
+themselves, so the same stage code runs under two policies:
+
+* standalone (tests, CLI, Python): the handle moves the module itself; with
+  `offload=True` a module goes back to the offload device after its stage, so at most
+  one big module sits on the accelerator (the official pipeline's behaviour, §6.6);
+* inside ComfyUI: `comfy_bridge` supplies a runtime whose handles are ModelPatchers
+  loaded with `load_models_gpu`, with ComfyUI's progress bar and interrupt check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .errors import BerniniError
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise BerniniError(f"dtype {dtype!r} is not supported; use one of bf16, fp16, fp32.")
+
+
+def resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise BerniniError(f"device {device!r} is not a valid torch device (e.g. 'cuda', 'cuda:1', 'cpu').") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BerniniError(f"device {str(device)!r} was requested but CUDA is not available; use device='cpu'.")
+    return device
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+@dataclass
+class ModelHandle:
+    """One large module with where it runs and where it rests."""
+
+    name: str
+    module: torch.nn.Module
+    load_device: torch.device
+    offload_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def size_bytes(self) -> int:
+        return module_bytes(self.module)
+
+    def load(self) -> torch.nn.Module:
+        self.module.to(self.load_device)
+        return self.module
+
+    def offload(self) -> None:
+        if self.offload_device != self.load_device:
+            self.module.to(self.offload_device)
+
+
+class Runtime:
+    """Standalone policy: moves modules itself; progress and interrupts are callbacks."""
+
+    def __init__(
+        self,
+        device="auto",
+        *,
+        offload: bool = True,
+        progress: Optional[Callable[[str, int, int], None]] = None,
+        interrupted: Optional[Callable[[], bool]] = None,
+    ):
+        self.device = resolve_device(device)
+        self.offload = offload and self.device.type != "cpu"
+        self._progress = progress
+        self._interrupted = interrupted
+
+    def handle(self, name: str, module: torch.nn.Module) -> ModelHandle:
+        offload_device = torch.device("cpu") if self.offload else self.device
+        return ModelHandle(name, module, self.device, offload_device)
+
+    @contextlib.contextmanager
+    def use(self, *handles: ModelHandle) -> Iterator[tuple[torch.nn.Module, ...]]:
+        """Load the handles' modules for one stage; offload them afterwards under the offload policy."""
+        modules = tuple(h.load() for h in handles)
+        try:
+            yield modules
+        finally:
+            if self.offload:
+                for h in handles:
+                    h.offload()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def release(self, *handles: ModelHandle) -> None:
+        """Move modules off the accelerator now (the idle expert, a finished stage)."""
+        if self.offload:
+            for h in handles:
+                h.offload()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def progress(self, stage: str, step: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress(stage, step, total)
+
+    def check_interrupt(self) -> None:
+        if self._interrupted is not None and self._interrupted():
+            raise InterruptedError("Bernini run interrupted")

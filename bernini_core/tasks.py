@@ -1,0 +1,117 @@
+"""The task table: which sources each official task takes, and the Bernini-R presets.
+
+Sources per task follow the official gradio routing (spec/bernini.md §6.3): i2i edits
+one `image`; v2v/mv2v/ads2v edit a `video` (ads2v: source video then reference video);
+r2v renders from reference `images` (a single `image` joins them); rv2v needs both.
+Presets are the Bernini-R table of §5.3 (gradio BASE + RENDERER_TASK_DEFAULTS); the
+full-Bernini presets of §5.1–§5.2 live beside them once the planner lands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import BerniniError
+
+# Every task the official pipelines expose (§1, §6.3), in the order the UI lists them.
+TASK_NAMES = ("t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    description: str
+    video: str  # "required" | "optional" | "none"
+    image: str  # the single edited image (i2i): "required" | "optional" | "none"
+    images: str  # reference images: "required" | "optional" | "none"
+    single_frame: bool  # t2i / i2i always render one frame
+
+    @property
+    def needs_video(self) -> bool:
+        return self.video == "required"
+
+
+TASKS: dict[str, TaskSpec] = {
+    "t2i": TaskSpec("t2i", "text to image", "none", "none", "none", True),
+    "i2i": TaskSpec("i2i", "image editing", "none", "required", "optional", True),
+    "t2v": TaskSpec("t2v", "text to video", "none", "none", "none", False),
+    "v2v": TaskSpec("v2v", "video editing", "required", "optional", "optional", False),
+    "mv2v": TaskSpec("mv2v", "motion / style video editing", "required", "optional", "optional", False),
+    "rv2v": TaskSpec("rv2v", "video editing with reference images", "required", "optional", "required", False),
+    "r2v": TaskSpec("r2v", "reference (subject) to video", "none", "optional", "required", False),
+    "ads2v": TaskSpec("ads2v", "ads insertion: source video + reference video", "required", "optional", "optional", False),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise BerniniError(f"task_type {name!r} is not an official Bernini task; choose one of {', '.join(TASK_NAMES)}.")
+    return TASKS[name]
+
+
+def check_sources(task: TaskSpec, *, n_videos: int, has_image: bool, n_images: int) -> None:
+    """Reject source combinations the task cannot use, naming the input and the fix."""
+    if task.video == "required" and n_videos == 0:
+        raise BerniniError(f"task {task.name!r} ({task.description}) needs a source video: pass `video` (--video).")
+    if task.video == "none" and n_videos:
+        raise BerniniError(
+            f"task {task.name!r} takes no source video but `video` was given; "
+            f"use v2v/mv2v/rv2v/ads2v to edit a video, or drop the video."
+        )
+    if task.image == "required" and not has_image:
+        raise BerniniError(f"task {task.name!r} ({task.description}) needs the image to edit: pass `image` (--image).")
+    if task.image == "none" and has_image:
+        raise BerniniError(f"task {task.name!r} takes no source image but `image` was given; use i2i or r2v, or drop it.")
+    if task.images == "required" and n_images == 0 and not has_image:
+        raise BerniniError(f"task {task.name!r} ({task.description}) needs reference images: pass `images` (--images).")
+    if task.images == "none" and n_images:
+        raise BerniniError(f"task {task.name!r} takes no reference images but `images` was given; use r2v/rv2v, or drop them.")
+
+
+# --- Bernini-R presets (§5.3; gradio_demo.py BASE_TASK_DEFAULTS + RENDERER_TASK_DEFAULTS) ---
+RENDERER_BASE: dict[str, Any] = {
+    "num_frames": 81,
+    "height": 480,
+    "width": 848,
+    "max_image_size": 848,
+    "num_inference_steps": 40,
+    "flow_shift": 5.0,
+    "seed": 42,
+    "fps": 16,
+    "omega_vid": 1.25,
+    "omega_img": 4.5,
+    "omega_txt": 4.0,
+    "omega_tgt": 0.5,
+    "omega_scale": 0.8,
+    "eta": 0.5,
+    "momentum": 0.0,
+    "norm_threshold": (50.0, 50.0, 50.0),
+}
+RENDERER_TASK_OVERRIDES: dict[str, dict[str, Any]] = {
+    "t2i": {"num_frames": 1, "guidance_mode": "t2v_apg"},
+    "i2i": {"num_frames": 1, "guidance_mode": "v2v"},
+    "t2v": {"guidance_mode": "t2v_apg"},
+    "v2v": {"guidance_mode": "v2v_apg"},
+    "mv2v": {"guidance_mode": "v2v_apg"},
+    "ads2v": {"guidance_mode": "v2v_apg"},
+    "r2v": {"guidance_mode": "r2v_apg"},
+    "rv2v": {"guidance_mode": "rv2v"},
+}
+# The official default negative prompt is the Chinese Wan2.2 one for every Bernini-R task.
+RENDERER_NEGATIVE_KIND = "default_zh"
+
+
+def renderer_preset(task: str) -> dict[str, Any]:
+    """The full Bernini-R default settings for a task (a fresh dict the caller may edit)."""
+    get_task(task)
+    preset = dict(RENDERER_BASE)
+    preset.update(RENDERER_TASK_OVERRIDES[task])
+    return preset
+
+
+def resolve_settings(preset: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Preset values overridden by every explicitly given (non-None) keyword."""
+    settings = dict(preset)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
