@@ -156,13 +156,17 @@ def _single_file_key_map(keys):
     return key_map
 
 
-def load_vae(path, *, ops=None) -> WanVAE:
-    """The Wan 2.1 VAE from a diffusers `vae/` folder or a ComfyUI single file; always fp32 (§11.3)."""
+def load_vae(path, *, config: Optional[VAEConfig] = None, ops=None) -> WanVAE:
+    """The Wan 2.1 VAE from a diffusers `vae/` folder or a ComfyUI single file; always fp32 (§11.3).
+
+    A folder's config.json is used; a single file carries none, so it is the standard Wan 2.1 VAE unless
+    `config` says otherwise (a file of another size fails with a shape message)."""
     from .keymaps.wan_vae import convert_vae_state_dict
 
     path = Path(path)
     config_file = path / "config.json"
-    config = VAEConfig.from_dict(read_json(config_file)) if path.is_dir() and config_file.is_file() else VAEConfig()
+    if config is None:
+        config = VAEConfig.from_dict(read_json(config_file)) if path.is_dir() and config_file.is_file() else VAEConfig()
     source = TensorSource.open(path)
     # The VAE is small (0.5 GB fp32) and the layout test needs every key, so its shards are joined first.
     state = convert_vae_state_dict({k: v for shard in source.iter_shards() for k, v in shard.items()})

@@ -1,0 +1,45 @@
+"""Session fixtures shared by the end-to-end tests: tiny checkpoints and small media files."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_renderer_dir(tmp_path_factory):
+    from bernini_core.tiny import make_tiny_renderer
+
+    return make_tiny_renderer(tmp_path_factory.mktemp("tiny") / "Bernini-R-Diffusers", seed=0)
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory):
+    """A 17-frame 24 fps 48x40 MP4 (moving gradient), a second 9-frame clip, and two PNG references."""
+    import av
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+
+    def write_video(path, frames, fps, h, w):
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.height, stream.width, stream.pix_fmt = h, w, "yuv420p"
+            for i in range(frames):
+                y, x = np.mgrid[0:h, 0:w]
+                img = np.stack([(x * 5 + i * 9) % 256, (y * 6) % 256, np.full_like(x, 40 + 8 * i)], -1).astype(np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+
+    write_video(root / "source.mp4", 17, 24, 40, 48)
+    write_video(root / "reference.mp4", 9, 16, 32, 32)
+    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "ref0.png")
+    Image.fromarray(rng.integers(0, 255, (48, 32, 3), dtype=np.uint8)).save(root / "ref1.png")
+    Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).save(root / "tiny4x4.png")
+    return root

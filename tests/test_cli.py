@@ -1,0 +1,97 @@
+"""`python -m bernini_core generate`: every Bernini-R task, case files, written files, error exits."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from bernini_core.cli import main
+
+SMALL = ["--num_frames", "5", "--height", "32", "--width", "32", "--max_image_size", "48",
+         "--num_inference_steps", "2", "--device", "cpu"]
+
+
+def probe(path: Path):
+    """(frame count, height, width, fps) of a written file, decoded with PyAV / Pillow."""
+    if path.suffix == ".png":
+        with Image.open(path) as img:
+            return 1, img.height, img.width, None
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return len(frames), frames[0].shape[0], frames[0].shape[1], float(stream.average_rate)
+
+
+def task_args(task, media_dir):
+    video, ref_video = str(media_dir / "source.mp4"), str(media_dir / "reference.mp4")
+    refs = [str(media_dir / "ref0.png"), str(media_dir / "ref1.png")]
+    return {
+        "t2i": [], "t2v": [],
+        "i2i": ["--image", refs[0]],
+        "v2v": ["--video", video], "mv2v": ["--video", video],
+        "ads2v": ["--video", video, ref_video],
+        "r2v": ["--images", *refs],
+        "rv2v": ["--video", video, "--images", *refs],
+    }[task]
+
+
+@pytest.mark.parametrize("task", ["t2i", "i2i", "t2v", "v2v", "mv2v", "ads2v", "r2v", "rv2v"])
+def test_every_task_writes_a_decodable_file(tiny_renderer_dir, media_dir, tmp_path, task, capsys):
+    out = tmp_path / "out" / f"{task}.mp4"
+    code = main(["generate", "--config", str(tiny_renderer_dir), "--task_type", task, "--prompt", "a fox",
+                 "--output", str(out), "--fps", "12", *SMALL, *task_args(task, media_dir)])
+    assert code == 0
+    written = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    n, h, w, fps = probe(written)
+    if task in ("t2i", "i2i"):
+        assert written.suffix == ".png" and n == 1  # one frame is written as PNG (official save_output)
+    else:
+        assert written == out and n == 5 and fps == 12.0
+    expected = (32, 32) if task in ("t2i", "t2v", "r2v") else (32, 48)
+    assert (h, w) == expected
+
+
+def test_case_file_with_relative_media(tiny_renderer_dir, media_dir, tmp_path, capsys):
+    case = tmp_path / "case.json"
+    (tmp_path / "clip.mp4").write_bytes((media_dir / "source.mp4").read_bytes())
+    case.write_text(json.dumps({"task_type": "v2v", "prompt": "make it snow", "video": "clip.mp4",
+                                "output": str(tmp_path / "case_out.mp4")}))
+    assert main(["generate", "--config", str(tiny_renderer_dir), "--case", str(case), *SMALL]) == 0
+    assert probe(tmp_path / "case_out.mp4")[:3] == (5, 32, 48)
+
+
+def test_tiny_config_through_python_dash_m(tmp_path):
+    out = tmp_path / "tiny.mp4"
+    result = subprocess.run(
+        [sys.executable, "-m", "bernini_core", "generate", "--config", "tiny", "--task_type", "t2v",
+         "--prompt", "a fox", "--output", str(out), *SMALL],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert probe(out) == (5, 32, 32, 16.0)
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--task_type", "v2v"], "needs a source video"),
+        (["--task_type", "t2v", "--output", "/dev/null/x.mp4"], "not writable"),
+        (["--task_type", "t2v", "--case", "/nonexistent.json"], "does not exist"),
+    ],
+)
+def test_errors_exit_2_with_a_message(tiny_renderer_dir, capsys, extra, fragment):
+    code = main(["generate", "--config", str(tiny_renderer_dir), "--prompt", "a fox", *SMALL, *extra])
+    assert code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_wrong_config_directory(tmp_path, capsys):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    assert main(["generate", "--config", str(tmp_path / "junk"), "--prompt", "a fox", "--task_type", "t2v"]) == 2
+    assert "junk" in capsys.readouterr().err
