@@ -122,11 +122,19 @@ def renderer_denoise(
     device = runtime.device
     sample = initial_noise(seed, num_frames, height, width).to(device)
 
-    # One padded context per text arm, built once (constant across steps).
-    contexts = {
-        "pos": pad_context([embeds.positive]),
-        "neg": pad_context([embeds.negative]),
-    }
+    # Constant across steps: the padded text contexts and the source streams, cast once per expert dtype.
+    contexts = {"pos": pad_context([embeds.positive]), "neg": pad_context([embeds.negative])}
+    prepared: dict = {}
+
+    def inputs_for(dtype: torch.dtype):
+        if dtype not in prepared:
+            prepared[dtype] = (
+                {text: ctx.to(device=device, dtype=dtype) for text, ctx in contexts.items()},
+                {combo: [lat.to(device=device, dtype=dtype) for lat in combos.get(combo)[0]]
+                 for combo in ("none", "V", "I", "VI")},
+            )
+        return prepared[dtype]
+
     omegas = Omegas(vid=omega_vid, img=omega_img, txt=omega_txt)
     boundary_t = experts.boundary * 1000.0
     total = len(scheduler.timesteps)
@@ -142,15 +150,14 @@ def renderer_denoise(
                 current, switched = experts.low, True
                 dit = current.load()
                 omegas = omegas.scaled(omega_scale)
-            dtype = next(dit.parameters()).dtype
+            dtype = dit.compute_dtype
+            text_inputs, stream_inputs = inputs_for(dtype)
             target = sample.to(dtype)
             timestep = torch.full((1,), float(t), device=device)
             eps = {}
             for arm in guidance.arms(omegas):
-                latents, ids = combos.get(arm.combo)
-                streams = [lat.to(device=device, dtype=dtype) for lat in latents] + [target]
-                context = contexts[arm.text].to(device=device, dtype=dtype)
-                eps[arm] = dit(streams, list(ids) + [0.0], timestep, context)
+                ids = combos.get(arm.combo)[1]
+                eps[arm] = dit(stream_inputs[arm.combo] + [target], list(ids) + [0.0], timestep, text_inputs[arm.text])
             velocity = guidance.combine(eps, omegas, sample=sample, sigma=scheduler.current_sigma)
             sample = scheduler.step(velocity, sample)
             runtime.progress("sample", index + 1, total)
