@@ -52,6 +52,8 @@ GENERATION_FLAGS = (
     ("video_fps", float),
     ("eta", float),
     ("momentum", float),
+    ("vae_tile_px", int),
+    ("vae_tile_overlap_px", int),
 )
 
 

@@ -35,6 +35,7 @@ CALL_KEYWORDS = frozenset(
         "omega_vid", "omega_img", "omega_txt", "omega_tgt", "omega_scale", "planning_step",
         "vit_denoising_step", "vit_txt_cfg", "vit_img_cfg", "flow_shift", "eta", "momentum",
         "norm_threshold", "neg_prompt", "system_prompt", "fps", "video_fps", "seed",
+        "vae_tile_px", "vae_tile_overlap_px",  # ours: tiled VAE to bound memory at 720p+ (0 = off, the official)
     }
 )
 
@@ -42,6 +43,16 @@ CALL_KEYWORDS = frozenset(
 def make_divisible(value: int, stride: int = 16) -> int:
     """The official size snap: nearest multiple of `stride`, at least `stride` (§4.8)."""
     return max(stride, int(round(value / stride) * stride))
+
+
+def vae_tiling(settings: dict[str, Any]):
+    """The VAE tiling the settings ask for (vae_tile_px > 0), else None (untiled, as the official)."""
+    from .vae_tiling import TilingConfig
+
+    tile = int(settings.get("vae_tile_px") or 0)
+    if tile <= 0:
+        return None
+    return TilingConfig(tile_px=tile, overlap_px=int(settings.get("vae_tile_overlap_px") or 64))
 
 
 class BerniniPipeline:
@@ -142,6 +153,7 @@ class RendererPipeline(BerniniPipeline):
         max_image_size: int = 848,
         video_fps: Optional[float] = None,
         min_short_edge: int = 1,
+        tiling=None,
     ) -> Sources:
         """Resize, resample and VAE-encode the sources by the official rules (§4.8)."""
         spec = get_task(task)
@@ -163,12 +175,12 @@ class RendererPipeline(BerniniPipeline):
                 )
                 if index == 0:
                     sources.frame_count, sources.height, sources.width = pixels.shape[1], pixels.shape[2], pixels.shape[3]
-                sources.videos.append(vae.encode(pixels.unsqueeze(0).to(device)).float().cpu())
+                sources.videos.append(vae.encode(pixels.unsqueeze(0).to(device), tiling=tiling).float().cpu())
             for position, item in enumerate(([image] if image is not None else []) + refs):
                 pixels = media.load_image(item, max_image_size=max_image_size, min_short_edge=min_short_edge)
                 if position == 0 and image is not None and sources.height is None:
                     sources.height, sources.width = pixels.shape[2], pixels.shape[3]
-                sources.images.append(vae.encode(pixels.unsqueeze(0).to(device)).float().cpu())
+                sources.images.append(vae.encode(pixels.unsqueeze(0).to(device), tiling=tiling).float().cpu())
         return sources
 
     def sample(self, embeds: PromptEmbeds, sources: Sources, settings: dict[str, Any], on_step=None) -> torch.Tensor:
@@ -247,6 +259,7 @@ class RendererPipeline(BerniniPipeline):
         **kwargs,
     ) -> BerniniOutput:
         settings = self.resolve(task, kwargs)
+        tiling = vae_tiling(settings)
         if output_path is not None:
             media.check_output_path(output_path)
         embeds = self.encode_prompt(task, prompt, settings.get("neg_prompt"), settings.get("system_prompt"))
@@ -259,9 +272,10 @@ class RendererPipeline(BerniniPipeline):
             num_frames=settings["num_frames"],
             max_image_size=settings["max_image_size"],
             video_fps=settings.get("video_fps"),
+            tiling=tiling,
         )
         latents = self.sample(embeds, sources, settings)
-        frames = self.decode(latents)
+        frames = self.decode(latents, tiling=tiling)
         out = BerniniOutput(
             frames=frames,
             latents=self.components.vae.denormalize(latents),

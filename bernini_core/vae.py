@@ -219,6 +219,8 @@ class Resample(nn.Module):
             raise ValueError(f"unknown resample mode {mode!r}")
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        # The time conv first runs on the 2nd latent frame, with zero context (not the 1st frame's features):
+        # that is what diffusers' "Rep" marker amounts to.
         if self.mode == "upsample3d" and not cache.first_visit(self):
             b, c, t, h, w = x.shape
             x = _causal(self.time_conv, x, cache).reshape(b, 2, c, t, h, w)
@@ -318,7 +320,8 @@ class WanVAE(nn.Module):
 
     `encode`/`decode` work on NORMALISED latents ((mu - mean) / std, the renderer's space; bernini.md §4.1),
     `encode_raw`/`decode_raw` on raw Wan latents (ComfyUI's LATENT convention). Encoding returns the
-    posterior mean, as the official `_vae_encode` does (`latent_dist.mode()`).
+    posterior mean, as the official `_vae_encode` does (`latent_dist.mode()`). The official pipelines run the
+    VAE in fp32 (bernini.md §11.3); bf16 works (RMS norms in fp32) at ~1e-2 relative error.
     """
 
     def __init__(self, config: VAEConfig = VAEConfig(), ops=None):
@@ -394,14 +397,13 @@ class WanVAE(nn.Module):
 
     def encode_untiled(self, video: torch.Tensor) -> torch.Tensor:
         """Chunked causal encode of a whole frame (or one tile); shapes must already be valid."""
-        x = video.to(self.dtype)
-        b, _, f, h, w = x.shape
+        b, _, f, h, w = video.shape
         sf, tf, z = self.config.spatial_factor, self.config.temporal_factor, self.config.z_dim
-        out = x.new_empty(b, z, 1 + (f - 1) // tf, h // sf, w // sf)
+        out = torch.empty(b, z, 1 + (f - 1) // tf, h // sf, w // sf, dtype=self.dtype, device=video.device)
         cache = CausalCache()
         for i in range(out.shape[2]):
-            chunk = x[:, :, :1] if i == 0 else x[:, :, 1 + tf * (i - 1) : 1 + tf * i]
-            moments = self.quant_conv(self.encoder(chunk, cache))
+            chunk = video[:, :, :1] if i == 0 else video[:, :, 1 + tf * (i - 1) : 1 + tf * i]
+            moments = self.quant_conv(self.encoder(chunk.to(self.dtype), cache))  # cast per chunk: no full copy
             out[:, :, i : i + 1] = moments[:, :z]  # the mean half; the log-variance is unused (mode())
         return out
 
@@ -420,13 +422,12 @@ class WanVAE(nn.Module):
 
     def decode_untiled(self, latents: torch.Tensor) -> torch.Tensor:
         """One latent frame per decoder call with the causal cache; NOT clamped (tiles blend first)."""
-        z = latents.to(self.dtype)
-        b, _, t, h, w = z.shape
+        b, _, t, h, w = latents.shape
         sf, tf = self.config.spatial_factor, self.config.temporal_factor
-        out = z.new_empty(b, 3, 1 + tf * (t - 1), h * sf, w * sf)
+        out = torch.empty(b, 3, 1 + tf * (t - 1), h * sf, w * sf, dtype=self.dtype, device=latents.device)
         cache = CausalCache()
         for i in range(t):
-            frames = self.decoder(self.post_quant_conv(z[:, :, i : i + 1]), cache)
+            frames = self.decoder(self.post_quant_conv(latents[:, :, i : i + 1].to(self.dtype)), cache)
             start = 0 if i == 0 else 1 + tf * (i - 1)
             out[:, :, start : start + frames.shape[2]] = frames
         return out

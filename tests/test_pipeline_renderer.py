@@ -81,6 +81,13 @@ def test_sources_and_prompt_change_the_result(pipe, media_dir):
     assert (base - other_prompt).abs().max() > 1e-4
 
 
+def test_tiled_vae_option_runs_and_is_validated(pipe, media_dir):
+    out = pipe("v2v", "a fox", video=str(media_dir / "source.mp4"), vae_tile_px=32, vae_tile_overlap_px=16, **SMALL)
+    assert out.frames.shape == (5, 32, 48, 3) and torch.isfinite(out.frames).all()
+    with pytest.raises(BerniniError, match="overlap"):
+        pipe("t2v", "a fox", vae_tile_px=32, vae_tile_overlap_px=32, **SMALL)
+
+
 def test_in_memory_video_equals_file(pipe, media_dir):
     from bernini_core.media import read_video
 
