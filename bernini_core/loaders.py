@@ -209,13 +209,7 @@ def load_renderer(
     dit_low = None
     if not config.skip_transformer_2 and (path / "transformer_2").is_dir():
         dit_low = _load_expert_dir(path / "transformer_2", dtype, attention, ops)
-    return RendererComponents(
-        config=config,
-        dit_high=dit_high,
-        dit_low=dit_low,
-        text_encoder=UMT5TextEncoder.from_pretrained(path / "text_encoder", path / "tokenizer", dtype=dtype),
-        vae=load_vae(path / "vae", ops=ops),
-    )
+    return _with_text_encoder_and_vae(config, dit_high, dit_low, path, dtype, ops)
 
 
 def _load_expert_dir(folder: Path, dtype, attention, ops) -> BerniniDiT:
@@ -248,10 +242,15 @@ def _load_split(path: Path, high: Path, low: Path, dtype, attention, overrides, 
     low_config = DiTConfig.from_dict(read_json(low_config_file)) if low_config_file.is_file() else dit_config
     dit_low = build_dit(low_config, split_checkpoint_source(low, "low"), dtype=dtype, attention=attention,
                         ops=ops, origin=str(low))
+    return _with_text_encoder_and_vae(config, dit_high, dit_low, base, dtype, ops)
+
+
+def _with_text_encoder_and_vae(config, dit_high, dit_low, folder: Path, dtype, ops) -> RendererComponents:
+    """Complete the experts with UMT5 (`text_encoder/` + `tokenizer/`) and the VAE (`vae/`) of `folder`."""
     return RendererComponents(
         config=config,
         dit_high=dit_high,
         dit_low=dit_low,
-        text_encoder=UMT5TextEncoder.from_pretrained(base / "text_encoder", base / "tokenizer", dtype=dtype),
-        vae=load_vae(base / "vae", ops=ops),
+        text_encoder=UMT5TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer", dtype=dtype),
+        vae=load_vae(folder / "vae", ops=ops),
     )
