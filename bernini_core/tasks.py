@@ -115,3 +115,60 @@ def resolve_settings(preset: Mapping[str, Any], overrides: Mapping[str, Any]) ->
     settings = dict(preset)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
+
+
+# --- Full Bernini presets (§5.1 v1 from the official scripts/bernini/run_*.sh, completed from gradio's
+# BERNINI_V1_TASK_DEFAULTS where the scripts are silent; §5.2 v2 from gradio's BERNINI_V2_TASK_DEFAULTS) ---
+# Base: gradio BASE_TASK_DEFAULTS (the CLI defaults of §5.4 for planner settings).
+BERNINI_BASE: dict[str, Any] = {
+    **RENDERER_BASE,
+    "planning_step": 25,
+    "vit_denoising_step": 5,
+    "vit_txt_cfg": 1.2,
+    "vit_img_cfg": 1.0,
+}
+_WAPG = "vae_txt_vit_wapg"
+
+
+def _full(mode, frames, height, width, max_img, steps, txt, tgt, img, vid, scale, **extra) -> dict[str, Any]:
+    return {"guidance_mode": mode, "num_frames": frames, "height": height, "width": width, "max_image_size": max_img,
+            "num_inference_steps": steps, "omega_txt": txt, "omega_tgt": tgt, "omega_img": img, "omega_vid": vid,
+            "omega_scale": scale, **extra}
+
+
+# height = width = 0: the output follows the source (target VAE shape × 8), as the scripts pass 0/0 (§4.8).
+BERNINI_V1_OVERRIDES: dict[str, dict[str, Any]] = {
+    "t2i": _full(_WAPG, 1, 512, 512, 842, 50, 4.0, 0.5, 1.0, 1.0, 1.0),
+    "i2i": _full(_WAPG, 1, 512, 512, 842, 40, 4.0, 0.5, 1.25, 1.25, 0.75),
+    "t2v": _full(_WAPG, 81, 480, 848, 842, 50, 4.0, 0.5, 1.0, 1.0, 1.0),
+    # run_v2v.sh passes the English negative prompt (and the v2v system prompt, which is the automatic one).
+    "v2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 0.5, 1.25, 1.25, 0.75, negative="english"),
+    "mv2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 0.5, 1.25, 1.25, 0.75, negative="english"),
+    "rv2v": _full("rv2v_wapg", 81, 0, 0, 848, 40, 4.0, 1.5, 3.0, 0.75, 0.75),
+    "r2v": _full(_WAPG, 81, 480, 848, 842, 40, 4.0, 1.5, 4.5, 1.25, 0.8),
+    # No v1 script; gradio's v1 table sets no size, so the base 480x848 applies.
+    "ads2v": _full(_WAPG, 81, 480, 848, 848, 40, 4.0, 0.5, 1.25, 1.25, 0.75),
+}
+_V2_PLAN = {"planning_step": 50, "vit_denoising_step": 1}
+BERNINI_V2_OVERRIDES: dict[str, dict[str, Any]] = {
+    "t2i": _full(_WAPG, 1, 512, 512, 842, 50, 4.0, 0.5, 1.0, 1.0, 1.0, vit_denoising_step=5),
+    "i2i": _full(_WAPG, 1, 512, 512, 842, 40, 4.0, 0.5, 1.25, 1.25, 0.75, vit_denoising_step=5),
+    "t2v": _full(_WAPG, 81, 480, 848, 842, 50, 5.0, 1.2, 1.0, 1.0, 1.0, **_V2_PLAN),
+    "v2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 1.2, 1.25, 1.25, 0.75, negative="english", **_V2_PLAN),
+    "mv2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 1.2, 1.25, 1.25, 0.75, negative="english", **_V2_PLAN),
+    # gradio's v2 rv2v values (spec §5.2 notes the scripts' 4.0/0.5/4.5 conflict; gradio is the UI default).
+    "rv2v": _full("rv2v_wapg", 81, 0, 0, 848, 40, 5.5, 1.5, 4.0, 1.75, 0.75, **_V2_PLAN),
+    "r2v": _full(_WAPG, 81, 480, 848, 842, 40, 4.5, 1.5, 3.0, 1.0, 0.75, negative="english", **_V2_PLAN),
+    "ads2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 1.2, 1.25, 1.25, 0.75, **_V2_PLAN),
+}
+
+
+def bernini_preset(task: str, version: str) -> dict[str, Any]:
+    """Full-Bernini defaults for a task and release ("v1" | "v2"); `negative` names the negative prompt kind."""
+    get_task(task)
+    table = {"v1": BERNINI_V1_OVERRIDES, "v2": BERNINI_V2_OVERRIDES}.get(version)
+    if table is None:
+        raise BerniniError(f"Bernini version {version!r} is unknown; use 'v1' or 'v2'.")
+    preset = dict(BERNINI_BASE, negative="default_zh")
+    preset.update(table[task])
+    return preset

@@ -196,7 +196,7 @@ class FullGuidance:
                 "every step; use the UniPC scheduler (use_unipc=True)."
             )
         (base, _), (cond, omega) = chain
-        x_base = velocity_to_x0(sample, base.float(), sigma)
+        x_base = velocity_to_x0(sample, base, sigma)
         x_cond = velocity_to_x0(sample, cond, sigma)
         # Momentum 0 with a buffer created afresh each step is the identity, hence no buffer.
         step = apg_rung(
