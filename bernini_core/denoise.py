@@ -7,7 +7,8 @@ Mirrors `GEN_Wanx22.sample` of the official renderer (spec/bernini.md §4.2–§
   expert is offloaded;
 * source combos (§4.3): V = the first video only (sid 1); I = the images with their own ids
   from 1; VI = videos then images on one id axis; ids interpolate to linspace(1, 5, n) when
-  there are more than `max_trained_src_id` sources;
+  there are more than `max_trained_src_id` sources (full Bernini builds its own combos and
+  contexts and reuses the same loop, `denoise`);
 * the noisy target is cast to the DiT dtype for the forward; the scheduler steps the float32
   latent.
 """
@@ -43,33 +44,27 @@ def initial_noise(seed: int, num_frames: int, height: int, width: int) -> torch.
     return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
 
 
-@dataclass
-class StreamCombos:
-    """The source latents and ids of each conditioning combo (target excluded)."""
+# A combo is the source streams one guidance arm sees: (latents, source ids), the target excluded.
+Combos = dict[str, tuple[list, list]]
 
-    none: tuple[list, list]
-    V: tuple[list, list]
-    I: tuple[list, list]
-    VI: tuple[list, list]
 
-    @classmethod
-    def build(cls, sources: Sources, *, use_source_ids: bool, max_trained: int, interpolate: bool) -> "StreamCombos":
-        def ids(n: int) -> list[float]:
-            if not use_source_ids:
-                return [0.0] * n
-            return source_ids_for(n, max_trained=max_trained, interpolate=interpolate)
+def renderer_combos(sources: Sources, *, use_source_ids: bool, max_trained: int, interpolate: bool) -> Combos:
+    """Bernini-R combos (§4.3): V = the first video only; I = the images with their own ids from 1;
+    VI = videos then images on one id axis."""
 
-        videos, images = list(sources.videos), list(sources.images)
-        vi_ids = ids(len(videos) + len(images))
-        return cls(
-            none=([], []),
-            V=(videos[:1], vi_ids[:1]),
-            I=(images, ids(len(images))),
-            VI=(videos + images, vi_ids),
-        )
+    def ids(n: int) -> list[float]:
+        if not use_source_ids:
+            return [0.0] * n
+        return source_ids_for(n, max_trained=max_trained, interpolate=interpolate)
 
-    def get(self, combo: str) -> tuple[list, list]:
-        return getattr(self, combo)
+    videos, images = list(sources.videos), list(sources.images)
+    vi_ids = ids(len(videos) + len(images))
+    return {
+        "none": ([], []),
+        "V": (videos[:1], vi_ids[:1]),
+        "I": (images, ids(len(images))),
+        "VI": (videos + images, vi_ids),
+    }
 
 
 @dataclass
@@ -77,6 +72,91 @@ class Experts:
     high: ModelHandle
     low: Optional[ModelHandle]
     boundary: float  # switch_dit_boundary (0.875; 0 for a single expert)
+
+
+def check_geometry(height: int, width: int) -> None:
+    if height % 16 or width % 16:
+        raise BerniniError(f"height/width must be multiples of 16, got {height}x{width}.")
+
+
+def check_scheduler(guidance, guidance_mode: str, use_unipc: bool) -> None:
+    if guidance.uses_apg and not use_unipc:
+        # The official CLI: UniPC is required by the *_apg modes (the Euler schedule ends at sigma 0,
+        # where the x-space conversion divides by zero).
+        raise BerniniError(f"guidance_mode {guidance_mode!r} needs the UniPC scheduler; drop --no-use_unipc "
+                           "or choose a mode without APG.")
+
+
+def denoise(
+    experts: Experts,
+    guidance,
+    combos: Combos,
+    contexts: dict[str, torch.Tensor],
+    omegas: Omegas,
+    *,
+    num_frames: int,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    flow_shift: float,
+    omega_scale: float,
+    seed: int,
+    runtime: Runtime,
+    use_unipc: bool = True,
+    on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+) -> torch.Tensor:
+    """The guided sampling loop shared by both families; returns the normalised float32 latent on the CPU.
+
+    `guidance.arms(omegas)` names, per step, the DiT calls to make: each arm's `combo` selects the source
+    streams (`combos`) and its context key (`text` for Bernini-R arms, `context` for full-Bernini arms)
+    the cross-attention context (`contexts`, [1, L, D], L ≥ 512).
+    """
+    scheduler = make_scheduler(use_unipc, flow_shift)
+    scheduler.set_timesteps(int(num_inference_steps))
+    device = runtime.device
+    sample = initial_noise(seed, num_frames, height, width).to(device)
+
+    # Constant across steps: contexts and source streams, cast once per expert dtype.
+    prepared: dict = {}
+
+    def inputs_for(dtype: torch.dtype):
+        if dtype not in prepared:
+            prepared[dtype] = (
+                {name: ctx.to(device=device, dtype=dtype) for name, ctx in contexts.items()},
+                {name: [lat.to(device=device, dtype=dtype) for lat in latents] for name, (latents, _) in combos.items()},
+            )
+        return prepared[dtype]
+
+    boundary_t = experts.boundary * 1000.0
+    total = len(scheduler.timesteps)
+    current = experts.high
+    dit = current.load()
+    switched = False
+    try:
+        for index, t in enumerate(scheduler.timesteps):
+            runtime.check_interrupt()
+            if experts.low is not None and not switched and float(t) < boundary_t:
+                runtime.release(current)
+                current, switched = experts.low, True
+                dit = current.load()
+                omegas = omegas.scaled(omega_scale)
+            dtype = dit.compute_dtype
+            context_inputs, stream_inputs = inputs_for(dtype)
+            target = sample.to(dtype)
+            timestep = torch.full((1,), float(t), device=device)
+            eps = {}
+            for arm in guidance.arms(omegas):
+                context = context_inputs[getattr(arm, "text", None) or arm.context]
+                ids = list(combos[arm.combo][1]) + [0.0]
+                eps[arm] = dit(stream_inputs[arm.combo] + [target], ids, timestep, context)
+            velocity = guidance.combine(eps, omegas, sample=sample, sigma=scheduler.current_sigma)
+            sample = scheduler.step(velocity, sample)
+            runtime.progress("sample", index + 1, total)
+            if on_step is not None:
+                on_step(index, total, sample)
+    finally:
+        runtime.release(current)
+    return sample.float().cpu()
 
 
 def renderer_denoise(
@@ -105,64 +185,16 @@ def renderer_denoise(
     interpolate_src_id: bool = True,
     on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
-    """Run the guided sampling; returns the normalised float32 latent [1,16,T,H/8,W/8] on the CPU."""
-    if height % 16 or width % 16:
-        raise BerniniError(f"height/width must be multiples of 16, got {height}x{width}.")
+    """Bernini-R sampling (`GEN_Wanx22.sample`): contexts = positive / negative UMT5 features padded to 512."""
+    check_geometry(height, width)
     guidance = RendererGuidance(guidance_mode, APGConfig(eta=eta, momentum=momentum, norm_threshold=tuple(norm_threshold)))
-    if guidance.uses_apg and not use_unipc:
-        # The official CLI: UniPC is required by the *_apg modes (the Euler schedule ends at sigma 0,
-        # where the x-space conversion divides by zero).
-        raise BerniniError(f"guidance_mode {guidance_mode!r} needs the UniPC scheduler; drop --no-use_unipc "
-                           "or choose a non-APG mode (rv2v, v2v, v2v_chain, t2v).")
-    scheduler = make_scheduler(use_unipc, flow_shift)
-    scheduler.set_timesteps(int(num_inference_steps))
-    combos = StreamCombos.build(
-        sources, use_source_ids=use_source_ids, max_trained=max_trained_src_id, interpolate=interpolate_src_id
-    )
-    device = runtime.device
-    sample = initial_noise(seed, num_frames, height, width).to(device)
-
-    # Constant across steps: the padded text contexts and the source streams, cast once per expert dtype.
+    check_scheduler(guidance, guidance_mode, use_unipc)
+    combos = renderer_combos(sources, use_source_ids=use_source_ids, max_trained=max_trained_src_id,
+                             interpolate=interpolate_src_id)
     contexts = {"pos": pad_context([embeds.positive]), "neg": pad_context([embeds.negative])}
-    prepared: dict = {}
-
-    def inputs_for(dtype: torch.dtype):
-        if dtype not in prepared:
-            prepared[dtype] = (
-                {text: ctx.to(device=device, dtype=dtype) for text, ctx in contexts.items()},
-                {combo: [lat.to(device=device, dtype=dtype) for lat in combos.get(combo)[0]]
-                 for combo in ("none", "V", "I", "VI")},
-            )
-        return prepared[dtype]
-
-    omegas = Omegas(vid=omega_vid, img=omega_img, txt=omega_txt)
-    boundary_t = experts.boundary * 1000.0
-    total = len(scheduler.timesteps)
-
-    current = experts.high
-    dit = current.load()
-    switched = False
-    try:
-        for index, t in enumerate(scheduler.timesteps):
-            runtime.check_interrupt()
-            if experts.low is not None and not switched and float(t) < boundary_t:
-                runtime.release(current)
-                current, switched = experts.low, True
-                dit = current.load()
-                omegas = omegas.scaled(omega_scale)
-            dtype = dit.compute_dtype
-            text_inputs, stream_inputs = inputs_for(dtype)
-            target = sample.to(dtype)
-            timestep = torch.full((1,), float(t), device=device)
-            eps = {}
-            for arm in guidance.arms(omegas):
-                ids = combos.get(arm.combo)[1]
-                eps[arm] = dit(stream_inputs[arm.combo] + [target], list(ids) + [0.0], timestep, text_inputs[arm.text])
-            velocity = guidance.combine(eps, omegas, sample=sample, sigma=scheduler.current_sigma)
-            sample = scheduler.step(velocity, sample)
-            runtime.progress("sample", index + 1, total)
-            if on_step is not None:
-                on_step(index, total, sample)
-    finally:
-        runtime.release(current)
-    return sample.float().cpu()
+    return denoise(
+        experts, guidance, combos, contexts, Omegas(vid=omega_vid, img=omega_img, txt=omega_txt),
+        num_frames=num_frames, height=height, width=width, num_inference_steps=num_inference_steps,
+        flow_shift=flow_shift, omega_scale=omega_scale, seed=seed, runtime=runtime, use_unipc=use_unipc,
+        on_step=on_step,
+    )
