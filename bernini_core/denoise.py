@@ -116,16 +116,18 @@ def denoise(
     device = runtime.device
     sample = initial_noise(seed, num_frames, height, width).to(device)
 
-    # Constant across steps: contexts and source streams, cast once per expert dtype.
+    # Constant across steps, built once per expert: the projected contexts and the cast source streams.
     prepared: dict = {}
 
-    def inputs_for(dtype: torch.dtype):
-        if dtype not in prepared:
-            prepared[dtype] = (
-                {name: ctx.to(device=device, dtype=dtype) for name, ctx in contexts.items()},
-                {name: [lat.to(device=device, dtype=dtype) for lat in latents] for name, (latents, _) in combos.items()},
-            )
-        return prepared[dtype]
+    def inputs_for(handle: ModelHandle, dit):
+        if handle.name not in prepared:
+            dtype = dit.compute_dtype
+            with torch.no_grad():
+                embedded = {name: dit.embed_context(ctx, device=device) for name, ctx in contexts.items()}
+            streams = {name: [lat.to(device=device, dtype=dtype) for lat in latents] for name, (latents, _) in combos.items()}
+            prepared.clear()  # the other expert's projections are no longer needed
+            prepared[handle.name] = (embedded, streams)
+        return prepared[handle.name]
 
     boundary_t = experts.boundary * 1000.0
     total = len(scheduler.timesteps)
@@ -140,9 +142,8 @@ def denoise(
                 current, switched = experts.low, True
                 dit = current.load()
                 omegas = omegas.scaled(omega_scale)
-            dtype = dit.compute_dtype
-            context_inputs, stream_inputs = inputs_for(dtype)
-            target = sample.to(dtype)
+            context_inputs, stream_inputs = inputs_for(current, dit)
+            target = sample.to(dit.compute_dtype)
             timestep = torch.full((1,), float(t), device=device)
             eps = {}
             for arm in guidance.arms(omegas):

@@ -299,6 +299,20 @@ def test_context_lens_batch_equals_separate_calls(models):
 
 
 @torch.no_grad()
+def test_pre_embedded_context_equals_raw_context(models):
+    _, ours = models
+    latent, src = _latent(70, 1, 2, 4, 4), _latent(71, 1, 1, 4, 4)
+    t = torch.tensor([700.0])
+    for rows in (20, 512, 640):
+        context = _context(72 + rows, 1, rows)
+        embedded = ours.embed_context(context)
+        assert embedded.hidden.shape[1] == max(rows, 512)
+        assert torch.equal(ours([src, latent], [1.0, 0.0], t, embedded), ours([src, latent], [1.0, 0.0], t, context))
+    with pytest.raises(BerniniError, match="batch"):
+        ours([_latent(1, 2, 1, 4, 4)], [0.0], torch.tensor([1.0, 2.0]), ours.embed_context(_context(1, 1, 20)))
+
+
+@torch.no_grad()
 def test_long_context_is_not_truncated(models):
     reference, ours = models
     latent, context, t = _latent(60, 1, 1, 4, 6), _context(61, 1, 700), torch.tensor([600.0])

@@ -16,6 +16,7 @@ AdaLN modulation and residual gates in fp32, results cast back to the activation
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -212,6 +213,14 @@ class ConditionEmbedder(nn.Module):
         return temb, modulation.unflatten(1, (6, -1))
 
 
+@dataclass
+class EmbeddedContext:
+    """Text context after zero-padding and the DiT's text projection (constant across steps)."""
+
+    hidden: torch.Tensor  # [B, rows, dim]
+    key_mask: Optional[torch.Tensor]  # [B, rows] bool or None
+
+
 class BerniniDiT(nn.Module):
     """Wan2.2-A14B / Wan2.1-1.3B DiT with Bernini's in-context streams and SA-3D RoPE."""
 
@@ -276,8 +285,11 @@ class BerniniDiT(nn.Module):
         x = x.contiguous()
         rope_freqs = self.rope_cache.get(grids, source_ids, device)
         temb, modulation = self.condition_embedder.time(timestep, dtype)
-        context, key_mask = self._prepare_context(context, context_lens, batch, dtype, device)
-        context = self.condition_embedder.text_embedder(context)
+        if not isinstance(context, EmbeddedContext):
+            context = self.embed_context(context, context_lens, device=device)
+        elif context.hidden.shape[0] != batch:
+            raise BerniniError(f"context: embedded for batch {context.hidden.shape[0]}, streams have batch {batch}.")
+        context, key_mask = context.hidden, context.key_mask
 
         for block in self.blocks:
             x = block(x, context, modulation, rope_freqs, key_mask, self.attention_backend)
@@ -289,6 +301,14 @@ class BerniniDiT(nn.Module):
         x = (_layer_norm_fp32(self.norm_out, x) * (1 + scale) + shift).to(dtype)
         x = self.proj_out(x)
         return self._unpatchify(x, grids[-1]).to(target.dtype)
+
+    def embed_context(self, context: torch.Tensor, context_lens: Optional[Sequence[int]] = None, *,
+                      device=None) -> "EmbeddedContext":
+        """Pad and project text features once; pass the result as `context` to every forward that uses it
+        (the projection is constant across denoising steps)."""
+        device = self.patch_embedding.weight.device if device is None else torch.device(device)
+        hidden, key_mask = self._prepare_context(context, context_lens, context.shape[0], self.compute_dtype, device)
+        return EmbeddedContext(self.condition_embedder.text_embedder(hidden), key_mask)
 
     def _check_streams(self, streams, source_ids) -> list[tuple[int, int, int]]:
         cfg = self.config
