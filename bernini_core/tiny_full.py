@@ -23,7 +23,7 @@ from typing import Dict
 import torch
 
 from .tiny import (TINY_DIT, TINY_SCHEDULER, TINY_UMT5, TINY_VAE, Shapes, _save, _save_sharded, _write_json,
-                   dit_shapes, tiny_dit_state_dict, tiny_umt5_state_dict, tiny_vae_state_dict, write_tiny_tokenizer)
+                   tiny_dit_state_dict, tiny_umt5_state_dict, tiny_vae_state_dict, write_tiny_tokenizer)
 
 V2_DIRNAME = "Bernini-Diffusers-v2"
 COMBINED_SHARDS = 3  # enough that modules straddle shard boundaries, as in the 38-shard release
@@ -143,7 +143,8 @@ def qwen_shapes(config: dict) -> Shapes:
         shapes[f"{layer}.input_layernorm.weight"] = (hidden,)
         shapes[f"{layer}.post_attention_layernorm.weight"] = (hidden,)
     shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (text["vocab_size"], hidden)
+    if not text.get("tie_word_embeddings", False):  # a tied head is the embedding matrix, stored once
+        shapes["lm_head.weight"] = (text["vocab_size"], hidden)
     return shapes
 
 
@@ -212,6 +213,8 @@ def tiny_full_state_dict(mllm_config: dict, seed: int = 0) -> Dict[str, torch.Te
         "diff_dec_low.transformer_2.": tiny_dit_state_dict(TINY_FULL_DIT, seed, expert="low", dtype=torch.float32),
         "t5_text_encoder.": {k: v.float() for k, v in tiny_umt5_state_dict(TINY_UMT5, seed).items()},
     }
+    # The release's UMT5 copy also stores the tied embed_tokens (243 = 24 x 10 + 3 tensors, §2.1).
+    parts["t5_text_encoder."]["encoder.embed_tokens.weight"] = parts["t5_text_encoder."]["shared.weight"].clone()
     state = {prefix + key: value for prefix, tensors in parts.items() for key, value in tensors.items()}
     generator = torch.Generator().manual_seed(seed * 1009 + _SALT["mask_tokens"])
     # The official initialises the table as randn * 0.01 (OFF: bernini/models/bernini.py).
