@@ -495,8 +495,8 @@ def load_processor(path):
     try:
         return AutoProcessor.from_pretrained(str(path), local_files_only=True, padding_side="right")
     except ImportError:  # transformers builds the video processor only with torchvision (ComfyUI has it)
-        log.warning("Qwen2.5-VL video processor unavailable (torchvision is not installed); video sources "
-                    "cannot be planned, images and text can")
+        log.info("transformers' Qwen2.5-VL video processor needs torchvision, which is not installed; the planner "
+                 "uses planner.vision.TorchVitProcessor, a torch port of the same preprocessing")
     except (OSError, ValueError) as exc:
         raise BerniniError(f"cannot load the Qwen2.5-VL processor from '{path}' ({exc}); the mllm/ folder needs "
                            "tokenizer and preprocessor files.") from None

@@ -67,11 +67,10 @@ class BerniniPipeline:
         if kwargs.get("high_noise_ckpt") or kwargs.get("low_noise_ckpt"):
             return RendererPipeline.from_pretrained(path, **kwargs)
         layout = detect_layout(path)
-        if layout == Layout.BERNINI_FULL:
-            raise BerniniError(
-                f"{str(path)!r} is a full Bernini (planner + renderer) directory; this version runs Bernini-R "
-                "renderer directories only. Use a Bernini-R-Diffusers directory, or update the pack."
-            )
+        if layout == Layout.BERNINI_FULL:  # config.json model_type "bernini" (official build_pipeline, §6.1)
+            from .pipeline_full import FullPipeline
+
+            return FullPipeline.from_pretrained(path, **kwargs)
         return RendererPipeline.from_pretrained(path, **kwargs)
 
 

@@ -1,0 +1,327 @@
+"""Full Bernini (v1 and v2): the Qwen2.5-VL planner plans the target in ViT space, the dual-expert renderer
+draws it (spec/bernini.md §3, §4.7 full-Bernini modes, §5.1–§5.2, §11).
+
+`__call__` follows the official `BerniniPipeline.__call__` step by step, including its random-number
+protocol (§11.1): seed Python, numpy and torch; preprocess the sources (no draws); encode the three
+planner branches cond, imgcond, uncond with their unused draws; MaskGIT planning; UMT5; renderer noise
+from a separate CPU generator. The stage methods split the same work for the ComfyUI nodes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import media
+from .denoise import Experts, check_geometry, check_scheduler, denoise, force_4n_plus_1
+from .errors import BerniniError
+from .pipeline import BerniniPipeline, CALL_KEYWORDS, vae_tiling
+from .planner import vision
+from .planner.maskgit import PlannerContexts, plan
+from .planner.template import PlannerTemplate, VisualItem
+from .renderer.rope import source_ids_for
+from .runtime import Runtime, resolve_dtype
+from .sampling.guidance import Omegas
+from .sampling.guidance_full import FullGuidance
+from .stages import BerniniOutput, PromptEmbeds
+from .tasks import bernini_preset, check_sources, get_task, resolve_settings
+from .text_encoder import negative_prompt, pad_context, prompt_clean, t5_negative_text, t5_positive_text
+
+FULL_MIN_SHORT_EDGE = 240  # full Bernini resizes sources and the target placeholder to a ≥ 240 px short edge (§11.4)
+CONTEXT_NAMES = ("wtxt_wvit", "wtxt_wovit", "wotxt_wvit", "wotxt_wovit")
+
+
+@dataclass
+class PlannerSources:
+    """Sources as both halves of full Bernini see them (conversation order: videos, then images)."""
+
+    task: str
+    videos: list = field(default_factory=list)  # normalised VAE latents [1,16,T,h,w]
+    images: list = field(default_factory=list)  # normalised VAE latents [1,16,1,h,w]
+    video_items: list = field(default_factory=list)  # VisualItem per video (ViT grid)
+    image_items: list = field(default_factory=list)
+    video_features: list = field(default_factory=list)  # ViT features [n_tokens, hidden] per video
+    image_features: list = field(default_factory=list)
+    target: Optional[VisualItem] = None  # the target placeholder's ViT grid
+    target_latent_shape: tuple = ()  # (T, h, w) of the target placeholder's VAE latent
+
+    @property
+    def visual_items(self) -> list:
+        return self.video_items + self.image_items
+
+    @property
+    def visual_features(self) -> list:
+        return self.video_features + self.image_features
+
+
+@dataclass
+class Plan:
+    """The planner's output: the four renderer contexts of §3.7 joined to the UMT5 features (≥ 512 rows)."""
+
+    task: str
+    contexts: dict  # name -> [1, L, D]
+    model_family: str = "bernini"
+    version: str = "v1"
+
+
+class FullPipeline(BerniniPipeline):
+    """Bernini-Diffusers / Bernini-Diffusers-v2: planner + UMT5 + two experts + Wan 2.1 VAE."""
+
+    family = "bernini"
+
+    def __init__(self, components, runtime: Runtime, dtype: torch.dtype):
+        self.components = components
+        self.config = components.config
+        self.runtime = runtime
+        self.dtype = dtype
+        self.template = PlannerTemplate(components.tokenizer)
+        # transformers' processor when torchvision is installed (what the official runs), else our torch port
+        self.vit_processor = vision.load_vit_processor(components.paths.processor) if components.paths else components.processor
+        self.planner_handle = runtime.handle("planner", components.planner)
+        self.text_encoder_handle = runtime.handle("umt5", components.text_encoder.module)
+        self.vae_handle = runtime.handle("vae", components.vae)
+        self.experts = Experts(
+            high=runtime.handle("dit_high", components.dit_high),
+            low=runtime.handle("dit_low", components.dit_low),
+            boundary=self.config.switch_dit_boundary,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path, *, device="auto", dtype="bf16", attention: str = "auto", offload: bool = True,
+                        high_noise_ckpt=None, low_noise_ckpt=None, **config_overrides) -> "FullPipeline":
+        from .loaders_full import CLI_OVERRIDES, load_full
+
+        if high_noise_ckpt or low_noise_ckpt:
+            raise BerniniError("full Bernini loads from its self-contained Bernini-Diffusers folder; drop "
+                               "--high_noise_ckpt/--low_noise_ckpt (they belong to the Bernini-R split release).")
+        overrides = dict(CLI_OVERRIDES)  # what the official CLI passes to BerniniPipeline.from_pretrained
+        overrides.update({k: v for k, v in config_overrides.items() if v is not None})
+        dtype = resolve_dtype(dtype)
+        components = load_full(path, dtype=dtype, attention=attention, overrides=overrides)
+        return cls(components, Runtime(device, offload=offload), dtype)
+
+    @property
+    def version(self) -> str:
+        return self.config.version
+
+    def default_settings(self, task: str) -> dict[str, Any]:
+        return bernini_preset(task, self.version)
+
+    def resolve(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(overrides) - CALL_KEYWORDS)
+        if unknown:
+            raise BerniniError(f"unknown keyword(s) {unknown}; valid keywords: {sorted(CALL_KEYWORDS)}.")
+        settings = resolve_settings(self.default_settings(task), overrides)
+        if settings.get("neg_prompt") is None:
+            settings["neg_prompt"] = negative_prompt(settings["negative"])
+        return settings
+
+    # ------------------------------------------------------------------ stage 1: text
+    def encode_prompt(self, task: str, prompt: str, neg_prompt: Optional[str] = None,
+                      system_prompt: Optional[str] = None) -> PromptEmbeds:
+        """UMT5 features of the full-Bernini texts (§3.7: cleaned twice, the negative cleaned too)."""
+        get_task(task)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BerniniError("prompt is empty: describe the image/video to generate or the edit to make.")
+        neg = neg_prompt if neg_prompt is not None else negative_prompt()
+        positive_text = t5_positive_text(task, prompt, system_prompt, full_bernini=True)
+        negative_text = t5_negative_text(neg, full_bernini=True)
+        with self.runtime.use(self.text_encoder_handle):
+            positive, negative = self.components.text_encoder.encode([positive_text, negative_text])
+        return PromptEmbeds(task=task, positive=positive.cpu(), negative=negative.cpu(), positive_text=positive_text,
+                            negative_text=negative_text, model_family=self.family)
+
+    # ------------------------------------------------------------------ stage 2: sources
+    def prepare_sources(self, task: str, *, video=None, image=None, images=None, fps: int = 16,
+                        num_frames: int = 81, height: int = 480, width: int = 848, max_image_size: int = 848,
+                        video_fps: Optional[float] = None, tiling=None) -> PlannerSources:
+        """VAE latents and ViT features of every source, and the target placeholder (§3.2, §4.8, §11.4)."""
+        spec = get_task(task)
+        videos = [] if video is None else (list(video) if isinstance(video, (list, tuple)) else [video])
+        refs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        if image is not None and task != "i2i":
+            refs, image = [image] + refs, None  # gradio routing: a single image joins the references (§6.3)
+        check_sources(spec, n_videos=len(videos), has_image=image is not None, n_images=len(refs))
+        image_list = [image] if image is not None else refs
+        num_frames = 1 if spec.single_frame else int(num_frames)
+        out = PlannerSources(task=task)
+        device, vae = self.runtime.device, self.components.vae
+        decoded_videos = []
+        with self.runtime.use(self.vae_handle), torch.inference_mode():
+            for item in videos:
+                frames, rate = _frames_and_rate(item, video_fps if video_fps is not None else fps)
+                decoded_videos.append((frames, rate))
+                pixels = media.load_video(frames, fps=fps, num_frames=num_frames, max_image_size=max_image_size,
+                                          min_short_edge=FULL_MIN_SHORT_EDGE, video_fps=rate)
+                out.videos.append(vae.encode(pixels.unsqueeze(0).to(device), tiling=tiling).float().cpu())
+            for item in image_list:
+                pixels = media.load_image(item, max_image_size=max_image_size, min_short_edge=FULL_MIN_SHORT_EDGE)
+                out.images.append(vae.encode(pixels.unsqueeze(0).to(device), tiling=tiling).float().cpu())
+        with self.runtime.use(self.planner_handle), torch.inference_mode():
+            planner = self.components.planner
+            for frames, rate in decoded_videos:
+                picks = vision.video_vit_frame_indices(frames.shape[0], rate, fps, num_frames)
+                pixel_values, grid = vision.preprocess_video_for_vit(self.vit_processor, frames[picks])
+                out.video_items.append(VisualItem("video", grid))
+                out.video_features.append(self._vit_features(planner, pixel_values, grid))
+            for item in image_list:
+                pixel_values, grid = vision.preprocess_image_for_vit(self.vit_processor, _image_array(item))
+                out.image_items.append(VisualItem("image", grid))
+                out.image_features.append(self._vit_features(planner, pixel_values, grid))
+        out.target, out.target_latent_shape = self._target(task, out, num_frames, height, width, max_image_size, fps)
+        return out
+
+    def _vit_features(self, planner, pixel_values, grid) -> torch.Tensor:
+        device = self.runtime.device
+        feats = planner.vision_features(pixel_values.to(device, self.dtype), torch.tensor([grid], device=device))
+        return feats[0].cpu()
+
+    def _target(self, task, sources: PlannerSources, num_frames, height, width, max_image_size, fps):
+        """The target placeholder (§3.2): its ViT grid and its VAE latent shape (which fixes the
+        target-token count, the unused RNG draws and, with height/width 0, the output size)."""
+        if sources.videos and num_frames > 1:
+            first = sources.video_items[0]
+            return vision.target_item(task, num_frames, height, width, first, fps=fps), tuple(sources.videos[0].shape[2:])
+        if height <= 0 or width <= 0:
+            raise BerniniError(f"task {task!r}: height/width must be positive when no source video fixes the size "
+                               f"(got {height}x{width}).")
+        h, w = media.resized_size(height, width, max_long_edge=max_image_size, min_short_edge=FULL_MIN_SHORT_EDGE)
+        frames = 1 if num_frames == 1 else media.smart_video_nframes(num_frames, fps, fps, frame_factor=4,
+                                                                      max_frames=num_frames, add_one=True)
+        return vision.target_item(task, num_frames, height, width, fps=fps), ((frames - 1) // 4 + 1, h // 8, w // 8)
+
+    # ------------------------------------------------------------------ stage 3: planning
+    def plan_semantics(self, sources: PlannerSources, embeds: PromptEmbeds, *, prompt: str, neg_prompt: str,
+                       seed: int, planning_step: int, vit_denoising_step: int, vit_txt_cfg: float,
+                       vit_img_cfg: Optional[float], on_step=None) -> Plan:
+        """Seed, encode the three branches (with their unused draws), run MaskGIT planning, join UMT5 (§3.4–§3.7)."""
+        from .loaders_full import check_target_tokens
+
+        if embeds.model_family != self.family:
+            raise BerniniError(f"the prompt embeddings were made for {embeds.model_family!r}, not for full Bernini; "
+                               "encode the prompt with this model.")
+        check_target_tokens(sources.target.n_tokens, self.config)
+        _seed_everything(seed)
+        t, h, w = sources.target_latent_shape
+        n_vae_tokens = t * (h // 2) * (w // 2)
+        raw_prompt = prompt_clean(prompt)
+        branches = {}
+        for name in ("cond", "imgcond", "uncond"):  # the official encoding order (§11.1)
+            text = neg_prompt if name == "uncond" else raw_prompt
+            branches[name] = self.template.encode_branch(
+                name, task=sources.task, text=text, visual_inputs=sources.visual_items, target=sources.target,
+                visual_features=sources.visual_features if name == "cond" else ())
+            self.template.random_draws(sources.target.n_tokens, n_vae_tokens)
+        with self.runtime.use(self.planner_handle):
+            ctx: PlannerContexts = plan(
+                self.components.planner, branches, planning_step=planning_step,
+                vit_denoising_step=vit_denoising_step, vit_txt_cfg=vit_txt_cfg, vit_img_cfg=vit_img_cfg,
+                dtype=self.dtype, device=self.runtime.device, on_step=on_step)
+        pos, neg = embeds.positive.to(self.dtype), embeds.negative.to(self.dtype)
+        contexts = {}
+        for name in CONTEXT_NAMES:  # §3.7: trimmed T5 first, then the planner tokens, zero-padded to ≥ 512 rows
+            t5 = pos if name.startswith("wtxt") else neg
+            planner_rows = getattr(ctx, name)[0].to("cpu", self.dtype)
+            contexts[name] = pad_context([torch.cat([t5, planner_rows], dim=0)])
+        return Plan(task=sources.task, contexts=contexts, version=self.version)
+
+    # ------------------------------------------------------------------ stage 4: rendering
+    def sample(self, plan_: Plan, sources: PlannerSources, settings: dict[str, Any], on_step=None) -> torch.Tensor:
+        """The renderer under a full-Bernini guidance mode; returns the normalised latent (float32, CPU)."""
+        if plan_.model_family != self.family or plan_.version != self.version:
+            raise BerniniError(f"the plan was made by Bernini {plan_.version}; this renderer is Bernini {self.version}. "
+                               "Plan with the planner of the same release.")
+        num_frames, height, width = self.output_geometry(sources, settings)
+        check_geometry(height, width)
+        guidance = FullGuidance(settings["guidance_mode"])
+        check_scheduler(guidance, settings["guidance_mode"], self.config.use_unipc)
+        n_videos, n_images = len(sources.videos), len(sources.images)
+        if self.config.use_src_id_rotary_emb:  # ids in conversation order: videos first, then images (§4.3)
+            ids = source_ids_for(n_videos + n_images, max_trained=self.config.max_trained_src_id,
+                                 interpolate=self.config.interpolate_src_id)
+        else:
+            ids = [0.0] * (n_videos + n_images)
+        video_ids, image_ids = ids[:n_videos], ids[n_videos:]
+        combos = {  # token order: images, then videos, then the target (§4.2)
+            "wovae": ([], []),
+            "wimgvae": (list(sources.images), image_ids),
+            "wvidvae": (list(sources.videos), video_ids),
+            "wvae": (list(sources.images) + list(sources.videos), image_ids + video_ids),
+        }
+        omegas = Omegas(vid=settings["omega_vid"], img=settings["omega_img"], txt=settings["omega_txt"],
+                        tgt=settings["omega_tgt"])
+        return denoise(
+            self.experts, guidance, combos, plan_.contexts, omegas, num_frames=num_frames, height=height,
+            width=width, num_inference_steps=settings["num_inference_steps"], flow_shift=settings["flow_shift"],
+            omega_scale=settings["omega_scale"], seed=settings["seed"], runtime=self.runtime,
+            use_unipc=self.config.use_unipc, on_step=on_step)
+
+    def output_geometry(self, sources: PlannerSources, settings: dict[str, Any]) -> tuple[int, int, int]:
+        """Frames = min(num_frames, 1 + 4(T−1)) of the target placeholder; size = height/width if > 0, else the
+        placeholder's latent size × 8 (§4.8)."""
+        t, h, w = sources.target_latent_shape
+        frames = 1 if get_task(sources.task).single_frame else int(settings["num_frames"])
+        frames = force_4n_plus_1(min(frames, 1 + 4 * (t - 1)))
+        height = int(settings["height"]) if int(settings["height"] or 0) > 0 else h * 8
+        width = int(settings["width"]) if int(settings["width"] or 0) > 0 else w * 8
+        return frames, height, width
+
+    def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
+        with self.runtime.use(self.vae_handle), torch.inference_mode():
+            video = self.components.vae.decode(latents.to(self.runtime.device, torch.float32), tiling=tiling)
+        return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).contiguous().cpu()
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(self, task: str, prompt: str, *, video=None, image=None, images=None,
+                 output_path: Optional[str] = None, **kwargs) -> BerniniOutput:
+        settings = self.resolve(task, kwargs)
+        tiling = vae_tiling(settings)
+        if output_path is not None:
+            media.check_output_path(output_path)
+        FullGuidance(settings["guidance_mode"])  # reject a Bernini-R mode name before any work (§11.4)
+        sources = self.prepare_sources(
+            task, video=video, image=image, images=images, fps=settings["fps"], num_frames=settings["num_frames"],
+            height=settings["height"], width=settings["width"], max_image_size=settings["max_image_size"],
+            video_fps=settings.get("video_fps"), tiling=tiling)
+        embeds = self.encode_prompt(task, prompt, settings["neg_prompt"], settings.get("system_prompt"))
+        plan_ = self.plan_semantics(
+            sources, embeds, prompt=prompt, neg_prompt=settings["neg_prompt"], seed=settings["seed"],
+            planning_step=settings["planning_step"], vit_denoising_step=settings["vit_denoising_step"],
+            vit_txt_cfg=settings["vit_txt_cfg"], vit_img_cfg=settings["vit_img_cfg"])
+        latents = self.sample(plan_, sources, settings)
+        frames = self.decode(latents, tiling=tiling)
+        out = BerniniOutput(frames=frames, latents=self.components.vae.denormalize(latents), settings=settings,
+                            prompt_text=embeds.positive_text)
+        if output_path is not None:
+            out.output_path = str(media.save_output(frames, output_path, fps=settings["fps"], make_parents=True))
+        return out
+
+
+def _seed_everything(seed: int) -> None:
+    """The official start of `__call__` (§11.1): Python, numpy and torch (CPU and CUDA) seeded with `seed`."""
+    random.seed(int(seed))
+    np.random.seed(int(seed))
+    torch.manual_seed(int(seed))
+
+
+def _frames_and_rate(item, default_fps: float):
+    """uint8 frames [F,H,W,3] and their frame rate, from a path or in-memory frames."""
+    if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
+        return media.read_video(item)
+    frames = vision._video_uint8(item)
+    return frames, float(default_fps)
+
+
+def _image_array(item):
+    """An image source as something the ViT preprocessing accepts (path → RGB array)."""
+    if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
+        from PIL import Image
+
+        with Image.open(item) as img:
+            return np.asarray(img.convert("RGB"))
+    return item
