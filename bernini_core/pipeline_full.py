@@ -313,15 +313,13 @@ def _frames_and_rate(item, default_fps: float):
     """uint8 frames [F,H,W,3] and their frame rate, from a path or in-memory frames."""
     if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
         return media.read_video(item)
-    frames = vision._video_uint8(item)
+    frames = vision.video_uint8(item)
     return frames, float(default_fps)
 
 
 def _image_array(item):
-    """An image source as something the ViT preprocessing accepts (path → RGB array)."""
+    """An image source as the ViT preprocessing takes it: a path is opened the way the official processor
+    opens it (EXIF orientation applied, RGB), in-memory images pass through."""
     if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
-        from PIL import Image
-
-        with Image.open(item) as img:
-            return np.asarray(img.convert("RGB"))
+        return vision.open_image_for_vit(item)
     return item
