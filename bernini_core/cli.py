@@ -3,8 +3,9 @@
 Differences from the official scripts, all additive:
 * every generation flag defaults to the task's preset (§5.3) instead of one global value, so
   `--task_type t2v` alone reproduces the official per-task settings;
-* `--config tiny` (or `tiny-1.3b`) runs on a tiny random checkpoint written on the fly in the
-  official Bernini-R-Diffusers layout: it proves the whole pipeline runs; its output is noise;
+* `--config tiny` (Bernini-R 14B layout), `tiny-1.3b`, `tiny-full` (Bernini-Diffusers v1) or `tiny-full-v2`
+  runs on a tiny random checkpoint written on the fly in the official layout: it proves the whole
+  pipeline runs; its output is noise;
 * `--device`, `--dtype`, `--attention`, `--video_fps`, `--no-offload`.
 """
 
@@ -25,7 +26,9 @@ log = logging.getLogger("bernini.cli")
 
 # Keys a case file may set (official assets/testcases/README.md; cli.py CASE_KEYS).
 CASE_KEYS = ("task_type", "guidance_mode", "prompt", "video", "image", "images", "output")
-TINY_CONFIGS = {"tiny": "14b", "tiny-1.3b": "1.3b"}
+# --config tiny*: a tiny random checkpoint written on the fly in the official layout (output is noise by design).
+TINY_CONFIGS = {"tiny": ("renderer", "14b"), "tiny-1.3b": ("renderer", "1.3b"),
+                "tiny-full": ("full", "v1"), "tiny-full-v2": ("full", "v2")}
 
 # Flags forwarded to the pipeline call under the same name; None means "use the task preset".
 GENERATION_FLAGS = (
@@ -63,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate one image or video")
 
     g = gen.add_argument_group("model")
-    g.add_argument("--config", required=True, help="model directory (Bernini-R-Diffusers, a Wan2.2 base dir with "
-                   "--high/--low_noise_ckpt, ...), or 'tiny' / 'tiny-1.3b' for a tiny random checkpoint")
+    g.add_argument("--config", required=True, help="model directory (Bernini-Diffusers, Bernini-Diffusers-v2, "
+                   "Bernini-R-Diffusers, a Wan2.2 base dir with --high/--low_noise_ckpt), or a tiny random checkpoint: "
+                   + ", ".join(TINY_CONFIGS))
     g.add_argument("--high_noise_ckpt", default=None, help="high-noise expert checkpoint (split Bernini-R release)")
     g.add_argument("--low_noise_ckpt", default=None, help="low-noise expert checkpoint (split Bernini-R release)")
     g.add_argument("--use_unipc", action=argparse.BooleanOptionalAction, default=True,
@@ -135,10 +139,17 @@ def _relative_to(base: Path, value: str) -> str:
 
 def resolve_config(config: str, workdir: Optional[Path]) -> str:
     if config in TINY_CONFIGS:
-        from .tiny import make_tiny_renderer
-
         assert workdir is not None
-        path = make_tiny_renderer(workdir / config, variant=TINY_CONFIGS[config], seed=0)
+        family, variant = TINY_CONFIGS[config]
+        if family == "renderer":
+            from .tiny import make_tiny_renderer
+
+            path = make_tiny_renderer(workdir / "Bernini-R-Diffusers", variant=variant, seed=0)
+        else:
+            from .tiny_full import make_tiny_bernini
+
+            name = "Bernini-Diffusers-v2" if variant == "v2" else "Bernini-Diffusers"
+            path = make_tiny_bernini(workdir / name, version=variant, seed=0)
         log.info("tiny random %s checkpoint written to %s (its output is noise by design)", config, path)
         return str(path)
     return config
