@@ -307,7 +307,7 @@ def load_weights_(module: torch.nn.Module, source: Union[TensorSource, Iterable[
     origin = origin or "the checkpoint"
     device = torch.device(device)
 
-    modules = dict(module.named_modules())
+    modules = dict(module.named_modules(remove_duplicate=False))  # tied modules appear under every path
     expected = set(module.state_dict(keep_vars=True).keys())
     aliases: Dict[int, List[str]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
