@@ -63,7 +63,12 @@ class BerniniPipeline:
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "BerniniPipeline":
         from .checkpoints import Layout, detect_layout
+        from .loaders_full import is_full_bernini_dir
 
+        if is_full_bernini_dir(path):  # full Bernini refuses split checkpoints with its own message
+            from .pipeline_full import FullPipeline
+
+            return FullPipeline.from_pretrained(path, **kwargs)
         if kwargs.get("high_noise_ckpt") or kwargs.get("low_noise_ckpt"):
             return RendererPipeline.from_pretrained(path, **kwargs)
         layout = detect_layout(path)

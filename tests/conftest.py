@@ -43,3 +43,19 @@ def media_dir(tmp_path_factory):
     Image.fromarray(rng.integers(0, 255, (48, 32, 3), dtype=np.uint8)).save(root / "ref1.png")
     Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).save(root / "tiny4x4.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bernini_v1_dir(tmp_path_factory):
+    """A tiny random Bernini-Diffusers (v1) folder in the official layout."""
+    from bernini_core.tiny_full import make_tiny_bernini
+
+    return make_tiny_bernini(tmp_path_factory.mktemp("tiny_full") / "Bernini-Diffusers", version="v1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bernini_v2_dir(tmp_path_factory):
+    """A tiny random Bernini-Diffusers-v2 folder (the folder name is how v2 is told from v1)."""
+    from bernini_core.tiny_full import make_tiny_bernini
+
+    return make_tiny_bernini(tmp_path_factory.mktemp("tiny_full_v2") / "Bernini-Diffusers-v2", version="v2", seed=0)

@@ -23,3 +23,93 @@ def test_renderer_benchmark_prints_a_table(capsys):
     load("renderer").main(["--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "fp32"])
     out = capsys.readouterr().out
     assert "| time per forward (median)" in out and "| FLOPs per forward" in out and "| peak memory" in out
+
+
+# -- benchmarks/planner.py ------------------------------------------------------------------------
+PLANNER_PROMPT = "a red fox runs through fresh snow"
+
+
+def _template_length(tokenizer, system: str, user: str, n_target: int) -> int:
+    """Branch length from the §3.3 layout: "<|im_start|>{role}\\n" + content per message, no <|im_end|>,
+    the target written <|vision_start|> + N pads + <|vision_end|>."""
+    def count(text):
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    return (count("<|im_start|>system\n") + count(system) + count("<|im_start|>user\n") + count(user)
+            + count("<|im_start|>assistant\n") + n_target + 2)
+
+
+def test_planner_benchmark_prints_a_table(capsys, tmp_path):
+    import json
+
+    import math
+
+    from transformers import AutoTokenizer
+
+    from bernini_core.planner.tiny_mllm import write_tiny_mllm_assets
+
+    summary = load("planner").main([
+        "--device", "cpu", "--task", "t2v", "--prompt", PLANNER_PROMPT, "--frames", "5", "--height", "64",
+        "--width", "64", "--planning_step", "2", "--vit_denoising_step", "1", "--num_inference_steps", "1"])
+    out = capsys.readouterr().out
+    for row in ("| time per MLLM forward (mean)", "| time per planning step (mean)", "| sequence length cond",
+                "| planner vs renderer share", "| peak memory", "| planning (MaskGIT + final forwards)",
+                "| rendering (DiT denoising)", "| total"):
+        assert row in out, row
+
+    # Target tokens (§3.2): Qwen smart resize (round to factor 28, then fit 3136..50176 px) of 64x64 -> 56x56,
+    # a 4x4 patch grid; 5 frames at 16 fps sampled at fps // 8 = 2 -> the 2-frame minimum -> one temporal
+    # patch; 2x2 merge -> 4 tokens.
+    h = w = round(64 / 28) * 28
+    if h * w < 3136:
+        h = w = math.ceil(64 * math.sqrt(3136 / 64 ** 2) / 28) * 28
+    n_target = 1 * (h // 14) * (w // 14) // 4
+    assert n_target == 4 and summary["target_tokens"] == n_target
+
+    prompts = json.loads((ROOT / "bernini_core" / "data" / "bernini_prompts.json").read_text(encoding="utf-8"))
+    system = prompts["planner_system_prompts"]["t2v"]
+    negative = prompts["negative_prompts"]["default_zh"]  # the v1 t2v preset's negative (§5.1)
+    tokenizer = AutoTokenizer.from_pretrained(write_tiny_mllm_assets(tmp_path / "mllm"))
+    expected = {"cond": _template_length(tokenizer, system, PLANNER_PROMPT, n_target),
+                "imgcond": _template_length(tokenizer, system, PLANNER_PROMPT, n_target),  # t2v: no sources to drop
+                "uncond": _template_length(tokenizer, system, negative, n_target)}
+    assert summary["branch_tokens"] == expected
+    assert f"| {expected['cond']:,} / {expected['imgcond']:,} / {expected['uncond']:,} tokens |" in out
+
+    # §3.5: 3 forwards per planning step + 2 final. With N = 4 and 2 steps both steps reveal two tokens
+    # (mask_len = floor(4 cos(pi/4)) = 2), so neither can hit the §11.2 "nothing revealed" skip.
+    assert summary["forwards"] == 3 * 2 + 2 and summary["loop_forwards"] == 6 and summary["skipped_steps"] == 0
+    assert len(summary["step_seconds"]) == 2 and all(s > 0 for s in summary["step_seconds"])
+    assert abs(sum(summary["stage_seconds"].values()) - summary["total_seconds"]) < 1e-9
+
+
+def test_planner_flops_match_the_qwen_anchor_and_a_flop_counter():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen2_5_VLConfig
+
+    from bernini_core.planner.model import PlannerModel
+    from bernini_core.planner.tiny_mllm import tiny_qwen_config
+
+    bench = load("planner")
+    # wan_qwen.md §5.1: Qwen2.5-VL-7B prefill ~ 2 * 7.6e9 FLOP per token = 2 x every parameter. Per token the
+    # formula over all 28 layers counts the decoder matmul weights twice; embedding + untied head add 2·V·D.
+    cfg = bench.QWEN25_VL_7B_TEXT
+    per_token = bench.mllm_forward_flops(cfg, 1, layers=cfg["num_hidden_layers"])
+    params = per_token / 2 + 2 * cfg["vocab_size"] * cfg["hidden_size"]
+    assert abs(params / 7.6e9 - 1) < 0.01, params
+    # The planner stops before the last layer (hidden_states[-2], §3.1): 27 of 28 layers.
+    assert bench.mllm_forward_flops(cfg, 1) == per_token * 27 / 28
+
+    # Tiny Qwen with eager attention (plain matmuls, which the counter sees): PlannerModel.hidden on L tokens.
+    config = Qwen2_5_VLConfig(**tiny_qwen_config(num_layers=3))
+    planner = PlannerModel.build(config, num_mask_tokens=8, gen_dim=32, decoder_width=16, decoder_depth=1,
+                                 mllm_dtype=torch.float32, attn_implementation="eager")
+    length = 40
+    mask = torch.triu(torch.full((length, length), float("-inf")), 1).view(1, 1, length, length)
+    positions = torch.arange(length).view(1, 1, length).expand(3, 1, length)
+    with FlopCounterMode(display=False) as counter:
+        planner.hidden(torch.randn(1, length, planner.hidden_size), None, attention=(mask, positions))
+    expected = bench.mllm_forward_flops(planner.language_model.config, length)
+    # equal on torch 2.13 (a counted rotary-angle product, 3·head_dim·L, would add < 0.1%)
+    assert abs(counter.get_total_flops() / expected - 1) < 1e-3, (counter.get_total_flops(), expected)

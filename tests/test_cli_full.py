@@ -1,0 +1,110 @@
+"""`python -m bernini_core generate` with full Bernini (v1 directory, `--config tiny-full-v2`): written files,
+planner flags, error exits (spec/bernini.md §4.8, §5.1, §5.4, §6.1, §6.2, §11.4)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+from PIL import Image
+
+from bernini_core.cli import main
+from bernini_core.pipeline_full import FullPipeline
+
+SMALL = ["--num_frames", "5", "--max_image_size", "48", "--num_inference_steps", "2", "--device", "cpu"]
+FAST_PLAN = ["--planning_step", "2", "--vit_denoising_step", "1"]
+FULL_MODES = ("vae_txt_vit_wapg", "vae_txt_vit", "rv2v_wapg", "v2v_apg")  # §4.7
+
+
+def probe(path: Path):
+    """(frame count, height, width, fps) of a written file, decoded with PyAV / Pillow."""
+    if path.suffix == ".png":
+        with Image.open(path) as img:
+            return 1, img.height, img.width, None
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return len(frames), frames[0].shape[0], frames[0].shape[1], float(stream.average_rate)
+
+
+@pytest.fixture
+def planner_calls(monkeypatch):
+    """Records the planner settings every FullPipeline.plan_semantics call receives, then runs it."""
+    calls = []
+    original = FullPipeline.plan_semantics
+
+    def spy(self, sources, embeds, **kwargs):
+        calls.append(dict(kwargs, version=self.version))
+        return original(self, sources, embeds, **kwargs)
+
+    monkeypatch.setattr(FullPipeline, "plan_semantics", spy)
+    return calls
+
+
+def test_video_task_and_planner_flags(tiny_bernini_v1_dir, media_dir, tmp_path, capsys, planner_calls):
+    out = tmp_path / "out" / "v2v.mp4"
+    code = main(["generate", "--config", str(tiny_bernini_v1_dir), "--task_type", "v2v", "--prompt", "make it snow",
+                 "--video", str(media_dir / "source.mp4"), "--output", str(out), "--fps", "12", *SMALL,
+                 "--planning_step", "3", "--vit_denoising_step", "2", "--vit_txt_cfg", "1.5", "--vit_img_cfg", "0.5"])
+    assert code == 0
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    # v1 v2v preset: height/width 0 -> the source's size (48x40 -> 48x32, §4.8); 5 frames written at --fps.
+    assert probe(out) == (5, 32, 48, 12.0)
+    assert len(planner_calls) == 1
+    call = planner_calls[0]
+    assert call["version"] == "v1"
+    assert (call["planning_step"], call["vit_denoising_step"], call["vit_txt_cfg"], call["vit_img_cfg"]) == (3, 2, 1.5, 0.5)
+    assert call["prompt"] == "make it snow"
+
+
+def test_image_task_writes_a_png_with_preset_planner_settings(tiny_bernini_v1_dir, tmp_path, capsys, planner_calls):
+    out = tmp_path / "t2i.mp4"
+    code = main(["generate", "--config", str(tiny_bernini_v1_dir), "--task_type", "t2i", "--prompt", "a fox",
+                 "--output", str(out), "--height", "32", "--width", "48", *SMALL])
+    assert code == 0
+    written = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert written.suffix == ".png"  # one frame is written as PNG (official save_output)
+    assert probe(written) == (1, 32, 48, None)
+    # No planner flags: the §5.1 values (planning 25, ViT 5 steps, cfg 1.2 / 1.0) reach the planner.
+    call = planner_calls[0]
+    assert (call["planning_step"], call["vit_denoising_step"], call["vit_txt_cfg"], call["vit_img_cfg"]) == (25, 5, 1.2, 1.0)
+    assert call["seed"] == 42
+
+
+def test_tiny_full_v2_through_python_dash_m(tmp_path):
+    out = tmp_path / "tiny_v2.mp4"
+    result = subprocess.run(
+        [sys.executable, "-m", "bernini_core", "generate", "--config", "tiny-full-v2", "--task_type", "t2v",
+         "--prompt", "a fox", "--output", str(out), "--height", "32", "--width", "32", *SMALL, *FAST_PLAN],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert probe(out) == (5, 32, 32, 16.0)
+    assert "full Bernini v2" in result.stderr  # the loader says which release it read
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--task_type", "t2v", "--guidance_mode", "t2v_apg"], ("t2v_apg",) + FULL_MODES),
+        (["--task_type", "v2v"], ("needs a source video",)),
+        (["--task_type", "t2v", "--height", "0", "--width", "0"], ("height/width",)),
+    ],
+)
+def test_errors_exit_2_with_a_message(tiny_bernini_v1_dir, capsys, extra, fragments):
+    code = main(["generate", "--config", str(tiny_bernini_v1_dir), "--prompt", "a fox", *SMALL, *FAST_PLAN, *extra])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert all(f in err for f in fragments), err
+
+
+def test_split_checkpoints_with_a_full_directory(tiny_bernini_v1_dir, capsys):
+    """§6.1: full Bernini takes no --high_noise_ckpt/--low_noise_ckpt; the error must say so."""
+    ckpt = str(Path(tiny_bernini_v1_dir) / "bernini")
+    for flags in (["--high_noise_ckpt", ckpt], ["--high_noise_ckpt", ckpt, "--low_noise_ckpt", ckpt]):
+        code = main(["generate", "--config", str(tiny_bernini_v1_dir), "--prompt", "a fox", "--task_type", "t2v",
+                     *SMALL, *flags])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "full Bernini" in err and "high_noise_ckpt" in err, err
