@@ -518,8 +518,12 @@ def _t5_from_checkpoint(folder: Path, tokenizer_dir: Path, source: TensorSource,
 
 
 def load_full(path, *, dtype: torch.dtype = torch.bfloat16, attention: str = "auto",
-              overrides: Optional[Dict[str, Any]] = None, ops=None, t5_weights: str = "folder") -> FullComponents:
+              overrides: Optional[Dict[str, Any]] = None, ops=None, t5_weights: str = "folder",
+              with_planner: bool = True, with_renderer: bool = True) -> FullComponents:
     """Every component of a Bernini-Diffusers(-v2) folder, on the CPU.
+
+    ``with_planner`` / ``with_renderer`` load only one half (the ComfyUI loaders load them separately):
+    without the planner, ``planner`` is None; without the renderer, the experts, UMT5 and VAE are None.
 
     ``t5_weights``: "folder" reads UMT5 from t5_text_encoder/ (smaller, bf16 in the release); "checkpoint" reads
     the redundant ``t5_text_encoder.*`` copy of bernini/ (spec §2.1 says they are the same weights)."""
@@ -548,17 +552,22 @@ def load_full(path, *, dtype: torch.dtype = torch.bfloat16, attention: str = "au
     origin = str(paths.checkpoint)
     log.info("loading full Bernini %s from %s (%s)", config.version, path, config.version_source)
 
-    planner = build_planner(config, paths.mllm, sources, dtype=dtype, ops=ops, origin=origin)
-    dit_high = build_dit(high_config, sources["dit_high"], dtype=dtype, keep_fp32_islands=False, ops=ops,
-                         attention=attention, origin=f"{origin} (diff_dec.transformer.*)")
-    dit_low = build_dit(low_config, sources["dit_low"], dtype=dtype, keep_fp32_islands=False, ops=ops,
-                        attention=attention, origin=f"{origin} (diff_dec_low.transformer_2.*)")
-    if t5_weights == "checkpoint":
-        text_encoder = _t5_from_checkpoint(paths.t5_encoder, paths.t5_tokenizer, sources["t5"], dtype, origin)
-    else:
-        text_encoder = UMT5TextEncoder.from_pretrained(paths.t5_encoder, paths.t5_tokenizer, dtype=dtype)
-    text_encoder.max_length = config.t5_max_sequence_length
-    processor = load_processor(paths.processor)
+    planner = processor = None
+    if with_planner:
+        planner = build_planner(config, paths.mllm, sources, dtype=dtype, ops=ops, origin=origin)
+        processor = load_processor(paths.processor)
+    dit_high = dit_low = text_encoder = vae = None
+    if with_renderer:
+        dit_high = build_dit(high_config, sources["dit_high"], dtype=dtype, keep_fp32_islands=False, ops=ops,
+                             attention=attention, origin=f"{origin} (diff_dec.transformer.*)")
+        dit_low = build_dit(low_config, sources["dit_low"], dtype=dtype, keep_fp32_islands=False, ops=ops,
+                            attention=attention, origin=f"{origin} (diff_dec_low.transformer_2.*)")
+        if t5_weights == "checkpoint":
+            text_encoder = _t5_from_checkpoint(paths.t5_encoder, paths.t5_tokenizer, sources["t5"], dtype, origin)
+        else:
+            text_encoder = UMT5TextEncoder.from_pretrained(paths.t5_encoder, paths.t5_tokenizer, dtype=dtype)
+        text_encoder.max_length = config.t5_max_sequence_length
+        vae = load_vae(paths.vae, ops=ops)
     return FullComponents(config=config, planner=planner, dit_high=dit_high, dit_low=dit_low,
-                          text_encoder=text_encoder, vae=load_vae(paths.vae, ops=ops), processor=processor,
-                          tokenizer=getattr(processor, "tokenizer", processor), paths=paths)
+                          text_encoder=text_encoder, vae=vae, processor=processor,
+                          tokenizer=getattr(processor, "tokenizer", processor) if processor else None, paths=paths)

@@ -44,18 +44,36 @@ class PlannerSources:
     images: list = field(default_factory=list)  # normalised VAE latents [1,16,1,h,w]
     video_items: list = field(default_factory=list)  # VisualItem per video (ViT grid)
     image_items: list = field(default_factory=list)
-    video_features: list = field(default_factory=list)  # ViT features [n_tokens, hidden] per video
-    image_features: list = field(default_factory=list)
+    video_vit_frames: list = field(default_factory=list)  # uint8 [F,H,W,3] per video, sampled at the ViT rate
+    image_vit_inputs: list = field(default_factory=list)  # the images as the ViT side reads them
     target: Optional[VisualItem] = None  # the target placeholder's ViT grid
     target_latent_shape: tuple = ()  # (T, h, w) of the target placeholder's VAE latent
+    model_family: str = "bernini"
 
     @property
     def visual_items(self) -> list:
         return self.video_items + self.image_items
 
+
+@dataclass
+class PlannerBundle:
+    """What planning needs: the planner model, its template and ViT preprocessor, and its release's config."""
+
+    model: Any  # planner.model.PlannerModel
+    template: PlannerTemplate
+    vit_processor: Any
+    config: Any  # loaders_full.BerniniConfig
+
+    @classmethod
+    def from_components(cls, components) -> "PlannerBundle":
+        # transformers' processor when torchvision is installed (what the official runs), else our torch port
+        processor = (vision.load_vit_processor(components.paths.processor) if components.paths
+                     else components.processor)
+        return cls(components.planner, PlannerTemplate(components.tokenizer), processor, components.config)
+
     @property
-    def visual_features(self) -> list:
-        return self.video_features + self.image_features
+    def version(self) -> str:
+        return self.config.version
 
 
 @dataclass
@@ -73,15 +91,14 @@ class FullPipeline(BerniniPipeline):
 
     family = "bernini"
 
-    def __init__(self, components, runtime: Runtime, dtype: torch.dtype):
+    def __init__(self, components, runtime: Runtime, dtype: torch.dtype, planner: Optional[PlannerBundle] = None):
         self.components = components
         self.config = components.config
         self.runtime = runtime
         self.dtype = dtype
-        self.template = PlannerTemplate(components.tokenizer)
-        # transformers' processor when torchvision is installed (what the official runs), else our torch port
-        self.vit_processor = vision.load_vit_processor(components.paths.processor) if components.paths else components.processor
-        self.planner_handle = runtime.handle("planner", components.planner)
+        if planner is None and components.planner is not None:
+            planner = PlannerBundle.from_components(components)
+        self.planner = planner
         self.text_encoder_handle = runtime.handle("umt5", components.text_encoder.module)
         self.vae_handle = runtime.handle("vae", components.vae)
         self.experts = Experts(
@@ -150,35 +167,38 @@ class FullPipeline(BerniniPipeline):
         num_frames = 1 if spec.single_frame else int(num_frames)
         out = PlannerSources(task=task)
         device, vae = self.runtime.device, self.components.vae
-        decoded_videos = []
         with self.runtime.use(self.vae_handle), torch.inference_mode():
             for item in videos:
                 frames, rate = _frames_and_rate(item, video_fps if video_fps is not None else fps)
-                decoded_videos.append((frames, rate))
                 pixels = media.load_video(frames, fps=fps, num_frames=num_frames, max_image_size=max_image_size,
                                           min_short_edge=FULL_MIN_SHORT_EDGE, video_fps=rate)
                 out.videos.append(vae.encode(pixels.unsqueeze(0).to(device), tiling=tiling).float().cpu())
+                vit_frames = frames[vision.video_vit_frame_indices(frames.shape[0], rate, fps, num_frames)]
+                out.video_vit_frames.append(vit_frames)
+                out.video_items.append(VisualItem("video", vision.video_grid(*vit_frames.shape[:3])))
             for item in image_list:
                 pixels = media.load_image(item, max_image_size=max_image_size, min_short_edge=FULL_MIN_SHORT_EDGE)
                 out.images.append(vae.encode(pixels.unsqueeze(0).to(device), tiling=tiling).float().cpu())
-        with self.runtime.use(self.planner_handle), torch.inference_mode():
-            planner = self.components.planner
-            for frames, rate in decoded_videos:
-                picks = vision.video_vit_frame_indices(frames.shape[0], rate, fps, num_frames)
-                pixel_values, grid = vision.preprocess_video_for_vit(self.vit_processor, frames[picks])
-                out.video_items.append(VisualItem("video", grid))
-                out.video_features.append(self._vit_features(planner, pixel_values, grid))
-            for item in image_list:
-                pixel_values, grid = vision.preprocess_image_for_vit(self.vit_processor, _image_array(item))
-                out.image_items.append(VisualItem("image", grid))
-                out.image_features.append(self._vit_features(planner, pixel_values, grid))
+                vit_input = _image_array(item)
+                out.image_vit_inputs.append(vit_input)
+                height_px, width_px = _image_size(vit_input)
+                out.image_items.append(VisualItem("image", vision.image_grid(height_px, width_px)))
         out.target, out.target_latent_shape = self._target(task, out, num_frames, height, width, max_image_size, fps)
         return out
 
-    def _vit_features(self, planner, pixel_values, grid) -> torch.Tensor:
-        device = self.runtime.device
-        feats = planner.vision_features(pixel_values.to(device, self.dtype), torch.tensor([grid], device=device))
-        return feats[0].cpu()
+    def _source_features(self, planner: PlannerBundle, sources: PlannerSources) -> list:
+        """ViT features of the sources in conversation order (videos, then images), merger output (§3.1)."""
+        device, features = self.runtime.device, []
+        inputs = [(vision.preprocess_video_for_vit, frames) for frames in sources.video_vit_frames]
+        inputs += [(vision.preprocess_image_for_vit, image) for image in sources.image_vit_inputs]
+        with torch.inference_mode():
+            for (preprocess, data), item in zip(inputs, sources.visual_items):
+                pixel_values, grid = preprocess(planner.vit_processor, data)
+                if tuple(grid) != tuple(item.grid_thw):
+                    raise BerniniError(f"internal: ViT grid {grid} differs from the planned {item.grid_thw}.")
+                grid_t = torch.tensor([grid], device=device)
+                features.append(planner.model.vision_features(pixel_values.to(device, self.dtype), grid_t)[0].cpu())
+        return features
 
     def _target(self, task, sources: PlannerSources, num_frames, height, width, max_image_size, fps):
         """The target placeholder (§3.2): its ViT grid and its VAE latent shape (which fixes the
@@ -197,28 +217,36 @@ class FullPipeline(BerniniPipeline):
     # ------------------------------------------------------------------ stage 3: planning
     def plan_semantics(self, sources: PlannerSources, embeds: PromptEmbeds, *, prompt: str, neg_prompt: str,
                        seed: int, planning_step: int, vit_denoising_step: int, vit_txt_cfg: float,
-                       vit_img_cfg: Optional[float], on_step=None) -> Plan:
+                       vit_img_cfg: Optional[float], planner: Optional[PlannerBundle] = None, on_step=None) -> Plan:
         """Seed, encode the three branches (with their unused draws), run MaskGIT planning, join UMT5 (§3.4–§3.7)."""
         from .loaders_full import check_target_tokens
 
-        if embeds.model_family != self.family:
-            raise BerniniError(f"the prompt embeddings were made for {embeds.model_family!r}, not for full Bernini; "
-                               "encode the prompt with this model.")
-        check_target_tokens(sources.target.n_tokens, self.config)
+        planner = planner or self.planner
+        if planner is None:
+            raise BerniniError("full Bernini needs its planner: load it (Load Bernini Planner) and connect it.")
+        if planner.version != self.version:
+            raise BerniniError(f"the planner is Bernini {planner.version} but the renderer is Bernini {self.version}; "
+                               "use the planner and renderer of the same release.")
+        if embeds.model_family != self.family or sources.model_family != self.family:
+            raise BerniniError("the prompt embeddings and sources must come from this full-Bernini renderer's text "
+                               "encoder and VAE (a Bernini-R renderer prepares them differently).")
+        check_target_tokens(sources.target.n_tokens, planner.config)
         _seed_everything(seed)
         t, h, w = sources.target_latent_shape
         n_vae_tokens = t * (h // 2) * (w // 2)
         raw_prompt = prompt_clean(prompt)
-        branches = {}
-        for name in ("cond", "imgcond", "uncond"):  # the official encoding order (§11.1)
-            text = neg_prompt if name == "uncond" else raw_prompt
-            branches[name] = self.template.encode_branch(
-                name, task=sources.task, text=text, visual_inputs=sources.visual_items, target=sources.target,
-                visual_features=sources.visual_features if name == "cond" else ())
-            self.template.random_draws(sources.target.n_tokens, n_vae_tokens)
-        with self.runtime.use(self.planner_handle):
+        handle = self.runtime.handle("planner", planner.model)
+        with self.runtime.use(handle):
+            features = self._source_features(planner, sources)
+            branches = {}
+            for name in ("cond", "imgcond", "uncond"):  # the official encoding order (§11.1)
+                text = neg_prompt if name == "uncond" else raw_prompt
+                branches[name] = planner.template.encode_branch(
+                    name, task=sources.task, text=text, visual_inputs=sources.visual_items, target=sources.target,
+                    visual_features=features if name == "cond" else ())
+                planner.template.random_draws(sources.target.n_tokens, n_vae_tokens)
             ctx: PlannerContexts = plan(
-                self.components.planner, branches, planning_step=planning_step,
+                planner.model, branches, planning_step=planning_step,
                 vit_denoising_step=vit_denoising_step, vit_txt_cfg=vit_txt_cfg, vit_img_cfg=vit_img_cfg,
                 dtype=self.dtype, device=self.runtime.device, on_step=on_step)
         pos, neg = embeds.positive.to(self.dtype), embeds.negative.to(self.dtype)
@@ -323,3 +351,12 @@ def _image_array(item):
     if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
         return vision.open_image_for_vit(item)
     return item
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(height, width) of a PIL image or an [H,W,3] / [1,H,W,3] array."""
+    if hasattr(image, "size") and not hasattr(image, "shape"):
+        width, height = image.size
+        return height, width
+    shape = tuple(image.shape)
+    return (shape[-3], shape[-2]) if shape[-1] in (3, 4) else (shape[-2], shape[-1])
