@@ -152,7 +152,7 @@ def denoise(
                 eps[arm] = dit(stream_inputs[arm.combo] + [target], ids, timestep, context)
             velocity = guidance.combine(eps, omegas, sample=sample, sigma=scheduler.current_sigma)
             sample = scheduler.step(velocity, sample)
-            runtime.progress("sample", index + 1, total)
+            runtime.progress("sample", index + 1, total, latent=sample)
             if on_step is not None:
                 on_step(index, total, sample)
     finally:

@@ -248,7 +248,7 @@ class FullPipeline(BerniniPipeline):
             ctx: PlannerContexts = plan(
                 planner.model, branches, planning_step=planning_step,
                 vit_denoising_step=vit_denoising_step, vit_txt_cfg=vit_txt_cfg, vit_img_cfg=vit_img_cfg,
-                dtype=self.dtype, device=self.runtime.device, on_step=on_step)
+                dtype=self.dtype, device=self.runtime.device, on_step=self._planning_progress(on_step))
         pos, neg = embeds.positive.to(self.dtype), embeds.negative.to(self.dtype)
         contexts = {}
         for name in CONTEXT_NAMES:  # §3.7: trimmed T5 first, then the planner tokens, zero-padded to ≥ 512 rows
@@ -256,6 +256,15 @@ class FullPipeline(BerniniPipeline):
             planner_rows = getattr(ctx, name)[0].to("cpu", self.dtype)
             contexts[name] = pad_context([torch.cat([t5, planner_rows], dim=0)])
         return Plan(task=sources.task, contexts=contexts, version=self.version)
+
+    def _planning_progress(self, on_step):
+        def step_done(step: int, total: int) -> None:  # maskgit.plan reports 1-based steps
+            self.runtime.check_interrupt()
+            self.runtime.progress("plan", step, total)
+            if on_step is not None:
+                on_step(step, total)
+
+        return step_done
 
     # ------------------------------------------------------------------ stage 4: rendering
     def sample(self, plan_: Plan, sources: PlannerSources, settings: dict[str, Any], on_step=None) -> torch.Tensor:

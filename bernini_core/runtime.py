@@ -118,7 +118,8 @@ class Runtime:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def progress(self, stage: str, step: int, total: int) -> None:
+    def progress(self, stage: str, step: int, total: int, latent: Optional[torch.Tensor] = None) -> None:
+        """One step of a stage done ("plan", "sample"); `latent` (normalised Wan latent) lets a UI preview it."""
         if self._progress is not None:
             self._progress(stage, step, total)
 
