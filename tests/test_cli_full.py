@@ -108,3 +108,28 @@ def test_split_checkpoints_with_a_full_directory(tiny_bernini_v1_dir, capsys):
         assert code == 2
         err = capsys.readouterr().err
         assert "full Bernini" in err and "high_noise_ckpt" in err, err
+
+
+def _task_media(task, media_dir):
+    video, ref_video = str(media_dir / "source.mp4"), str(media_dir / "reference.mp4")
+    refs = [str(media_dir / "ref0.png"), str(media_dir / "ref1.png")]
+    return {
+        "t2i": [], "t2v": [], "i2i": ["--image", refs[0]],
+        "v2v": ["--video", video], "mv2v": ["--video", video], "ads2v": ["--video", video, ref_video],
+        "r2v": ["--images", *refs], "rv2v": ["--video", video, "--images", *refs],
+    }[task]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("task", ["t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v"])
+def test_every_task_through_the_cli(request, media_dir, tmp_path, capsys, task, version):
+    folder = request.getfixturevalue(f"tiny_bernini_{version}_dir")
+    size = ["--height", "32", "--width", "32"]  # every task gets an explicit size: small and comparable
+    code = main(["generate", "--config", str(folder), "--task_type", task, "--prompt", "a fox",
+                 "--output", str(tmp_path / f"{task}.mp4"), *SMALL, *FAST_PLAN, *size, *_task_media(task, media_dir)])
+    assert code == 0
+    written = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    frames, height, width, _ = probe(written)
+    assert (height, width) == (32, 32)
+    assert frames == (1 if task in ("t2i", "i2i") else 5)
+    assert written.suffix == (".png" if task in ("t2i", "i2i") else ".mp4")
