@@ -215,7 +215,7 @@ def read_video(path) -> tuple[np.ndarray, float]:
 
 # --------------------------------------------------------------------------- in-memory frames
 
-def _to_uint8(array, what: str) -> np.ndarray:
+def to_uint8(array, what: str) -> np.ndarray:
     """uint8 or float 0..1 (numpy or torch) → uint8, floats rounded to 8 bit."""
     if isinstance(array, torch.Tensor):
         t = array.detach().cpu()
@@ -295,7 +295,7 @@ def load_video(source, *, fps: float = 16, num_frames: int = 81, max_image_size:
         n = smart_video_nframes(total, rate, fps, max_frames=num_frames)
         idx = frame_indices(total, rate, fps, n)
         unique = sorted(set(idx))
-        converted = dict(zip(unique, _to_uint8(source[unique], what)))
+        converted = dict(zip(unique, to_uint8(source[unique], what)))
         picked = [converted[i] for i in idx]
 
     h, w = picked[0].shape[:2]
@@ -329,7 +329,7 @@ def load_image(source, *, max_image_size: int = 848, min_short_edge: int = 1) ->
             source, shape = source[0], shape[1:]
         if len(shape) != 3 or shape[-1] != 3:
             raise BerniniError(f"{what} must be [height, width, 3] RGB, got shape {shape}.")
-        rgb = _to_uint8(source, what)
+        rgb = to_uint8(source, what)
     h, w = rgb.shape[:2]
     size = resized_size(h, w, max_long_edge=max_image_size, min_short_edge=min_short_edge, what=what)
     return _normalise([np.ascontiguousarray(rgb)], size)

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import BerniniError
+from .. import media
 from ..media import frame_indices, smart_video_nframes
 from ..tasks import get_task
 from .template import VisualItem
@@ -126,18 +127,10 @@ def target_item(task: str, num_frames: int, height: int, width: int, first_video
 # --------------------------------------------------------------------------- pixels
 
 def _to_uint8_hwc(array, what: str) -> np.ndarray:
-    """uint8 or float 0..1 (numpy / torch) → uint8 numpy, floats rounded to 8 bit."""
+    """PIL, uint8 or float 0..1 (numpy / torch) → uint8 numpy, floats rounded to 8 bit (as media does)."""
     if isinstance(array, Image.Image):
         return np.asarray(array.convert("RGB"))
-    if isinstance(array, Tensor):
-        array = array.detach().cpu()
-        array = array.numpy() if array.dtype == torch.uint8 else array.float().numpy()
-    a = np.asarray(array)
-    if a.dtype == np.uint8:
-        return a
-    if not np.issubdtype(a.dtype, np.floating):
-        raise BerniniError(f"{what} must be uint8 (0..255) or float (0..1), got {a.dtype}.")
-    return np.rint(np.clip(a.astype(np.float32), 0, 1) * 255).astype(np.uint8)
+    return media.to_uint8(array, what)
 
 
 def open_image_for_vit(path) -> Image.Image:
