@@ -113,7 +113,7 @@ def denoise(
     """
     scheduler = make_scheduler(use_unipc, flow_shift)
     scheduler.set_timesteps(int(num_inference_steps))
-    device = runtime.device
+    device = experts.high.load_device  # where the experts run (ComfyUI may differ from runtime.device)
     sample = initial_noise(seed, num_frames, height, width).to(device)
 
     # Constant across steps, built once per expert: the projected contexts and the cast source streams.

@@ -170,7 +170,7 @@ class RendererPipeline(BerniniPipeline):
 
         sources = Sources(task=task)
         vae = self.components.vae
-        device = self.runtime.device
+        device = self.vae_handle.load_device
         with self.runtime.use(self.vae_handle), torch.inference_mode():
             for index, item in enumerate(videos):
                 pixels = media.load_video(
@@ -239,7 +239,7 @@ class RendererPipeline(BerniniPipeline):
     def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
         """Normalised latents → float32 frames [F,H,W,3] in 0..1 on the CPU."""
         with self.runtime.use(self.vae_handle), torch.inference_mode():
-            video = self.components.vae.decode(latents.to(self.runtime.device, torch.float32), tiling=tiling)
+            video = self.components.vae.decode(latents.to(self.vae_handle.load_device, torch.float32), tiling=tiling)
         frames = (video[0].float() / 2 + 0.5).clamp(0, 1)
         return frames.permute(1, 2, 3, 0).contiguous().cpu()
 

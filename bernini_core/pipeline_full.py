@@ -166,7 +166,7 @@ class FullPipeline(BerniniPipeline):
         image_list = [image] if image is not None else refs
         num_frames = 1 if spec.single_frame else int(num_frames)
         out = PlannerSources(task=task)
-        device, vae = self.runtime.device, self.components.vae
+        device, vae = self.vae_handle.load_device, self.components.vae
         with self.runtime.use(self.vae_handle), torch.inference_mode():
             for item in videos:
                 frames, rate = _frames_and_rate(item, video_fps if video_fps is not None else fps)
@@ -186,9 +186,9 @@ class FullPipeline(BerniniPipeline):
         out.target, out.target_latent_shape = self._target(task, out, num_frames, height, width, max_image_size, fps)
         return out
 
-    def _source_features(self, planner: PlannerBundle, sources: PlannerSources) -> list:
+    def _source_features(self, planner: PlannerBundle, sources: PlannerSources, device) -> list:
         """ViT features of the sources in conversation order (videos, then images), merger output (§3.1)."""
-        device, features = self.runtime.device, []
+        features = []
         inputs = [(vision.preprocess_video_for_vit, frames) for frames in sources.video_vit_frames]
         inputs += [(vision.preprocess_image_for_vit, image) for image in sources.image_vit_inputs]
         with torch.inference_mode():
@@ -237,7 +237,7 @@ class FullPipeline(BerniniPipeline):
         raw_prompt = prompt_clean(prompt)
         handle = self.runtime.handle("planner", planner.model)
         with self.runtime.use(handle):
-            features = self._source_features(planner, sources)
+            features = self._source_features(planner, sources, handle.load_device)
             branches = {}
             for name in ("cond", "imgcond", "uncond"):  # the official encoding order (§11.1)
                 text = neg_prompt if name == "uncond" else raw_prompt
@@ -248,7 +248,7 @@ class FullPipeline(BerniniPipeline):
             ctx: PlannerContexts = plan(
                 planner.model, branches, planning_step=planning_step,
                 vit_denoising_step=vit_denoising_step, vit_txt_cfg=vit_txt_cfg, vit_img_cfg=vit_img_cfg,
-                dtype=self.dtype, device=self.runtime.device, on_step=self._planning_progress(on_step))
+                dtype=self.dtype, device=handle.load_device, on_step=self._planning_progress(on_step))
         pos, neg = embeds.positive.to(self.dtype), embeds.negative.to(self.dtype)
         contexts = {}
         for name in CONTEXT_NAMES:  # §3.7: trimmed T5 first, then the planner tokens, zero-padded to ≥ 512 rows
@@ -309,7 +309,7 @@ class FullPipeline(BerniniPipeline):
 
     def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
         with self.runtime.use(self.vae_handle), torch.inference_mode():
-            video = self.components.vae.decode(latents.to(self.runtime.device, torch.float32), tiling=tiling)
+            video = self.components.vae.decode(latents.to(self.vae_handle.load_device, torch.float32), tiling=tiling)
         return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).contiguous().cpu()
 
     # ------------------------------------------------------------------ call

@@ -31,7 +31,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .checkpoints import TensorSource, load_weights_
 from .errors import BerniniError
+from .quant import dequantize_fp8_state, fp8_format_of
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -157,6 +159,52 @@ class UMT5TextEncoder:
             model.to(device)
         return cls(model, tokenizer)
 
+    @classmethod
+    def from_single_file(cls, path, *, dtype=torch.bfloat16, device="cpu",
+                         tokenizer_dir=None) -> "UMT5TextEncoder":
+        """Load a UMT5-XXL encoder kept as one ``.safetensors`` file, as ComfyUI keeps it in
+        models/text_encoders (Comfy-Org/Wan_2.1_ComfyUI_repackaged ``umt5_xxl_fp16.safetensors``,
+        ``umt5_xxl_fp8_e4m3fn_scaled.safetensors``).
+
+        Key names are transformers' (ComfyUI's T5 module uses them too) or the original Wan
+        ``.pth`` names (wan_qwen.md §3). fp8 weights are dequantised to ``dtype`` ("scaled" files:
+        ``weight * scale``). The config is read off the tensor shapes. The tokenizer comes from the
+        SentencePiece model ComfyUI embeds as a uint8 ``spiece_model`` tensor, unless
+        ``tokenizer_dir`` names a tokenizer folder (needed for files without one)."""
+        from transformers import UMT5EncoderModel
+
+        path = Path(path)
+        if path.is_dir():
+            raise BerniniError(f"UMT5 text encoder '{path}' is a folder; from_single_file takes one .safetensors "
+                               "file (use UMT5TextEncoder.from_pretrained for a text_encoder folder).")
+        source = TensorSource.open(path)  # refuses pickles and non-safetensors files with a clear message
+        fp8_format_of(source)  # rejects quantisations other than fp8 (nvfp4, int8, ...) before any work
+        keys = source.keys()
+        key_map = _umt5_key_map(keys, path)
+        names = {key_map(k): k for k in keys if not _is_quant_side_key(k) and key_map(k) is not None}
+        config = _umt5_config_from_shapes(names, source, path)
+
+        if tokenizer_dir is not None:
+            tokenizer = _tokenizer_from_folder(tokenizer_dir)
+        else:
+            tokenizer = _tokenizer_from_spiece(_embedded_spiece(keys, source, path), config.vocab_size, path)
+
+        with torch.device("meta"):
+            model = UMT5EncoderModel(config)
+        # transformers keeps `_keep_in_fp32_modules` ("wo") in fp32 for fp16 loads only; do the same so
+        # this equals from_pretrained for every dtype.
+        keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else ()
+
+        def dtype_for(name: str) -> torch.dtype:
+            return torch.float32 if any(part in keep_fp32 for part in name.split(".")) else dtype
+
+        # One transformer block at a time (a weight and its scale share a block), so a ~11 GB file is never
+        # held twice; fp8 goes to fp32 first and load_weights_ casts once, to the final dtype.
+        groups = (dequantize_fp8_state(group, torch.float32) for group in _read_block_groups(source, keys))
+        load_weights_(model, groups, key_map=key_map, dtype_for=dtype_for, device=device, origin=f"'{path}'")
+        model.eval().requires_grad_(False)
+        return cls(model, tokenizer)
+
     @property
     def module(self) -> torch.nn.Module:
         """The torch module, for offloading handles."""
@@ -198,6 +246,167 @@ class UMT5TextEncoder:
             length = min(int(mask.gt(0).sum()), self.max_length)
             results.append(hidden[0, :length])
         return results
+
+
+# --------------------------------------------------------------------------- single files
+
+# google/umt5-xxl's tokenizer = its 256,000-piece SentencePiece model + 300 sentinels <extra_id_299>..<extra_id_0>
+# appended in that order (ids 256000..256299); the embedding has 256,384 rows.
+_UMT5_EXTRA_IDS = 300
+_UMT5_MAX_DISTANCE = 128  # relative_attention_max_distance: not visible in any tensor shape (wan_qwen.md §3)
+_FINAL_NORM = "encoder.final_layer_norm.weight"
+_SPIECE_KEY = "spiece_model"
+_GET_UMT5 = ("get umt5_xxl_fp16.safetensors or umt5_xxl_fp8_e4m3fn_scaled.safetensors from "
+             "Comfy-Org/Wan_2.1_ComfyUI_repackaged (split_files/text_encoders) into models/text_encoders")
+# Tensors that only qualify an fp8 weight (quant.py): consumed by dequantize_fp8_state, never model weights.
+_QUANT_SIDE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant")
+# Original Wan names (wan/modules/t5.py) -> transformers names inside encoder.block.N (wan_qwen.md §3).
+_WAN_BLOCK_NAMES = {
+    "attn.q.weight": "layer.0.SelfAttention.q.weight", "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight", "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm1.weight": "layer.0.layer_norm.weight", "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight", "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+_WAN_GLOBAL_NAMES = {"token_embedding.weight": "shared.weight", "norm.weight": _FINAL_NORM}
+_BLOCK_INDEX = re.compile(r"(?:^|\.)blocks?\.(\d+)\.")
+
+
+def _is_quant_side_key(key: str) -> bool:
+    return key == "scaled_fp8" or key.endswith(".scaled_fp8") or key.endswith(_QUANT_SIDE_SUFFIXES)
+
+
+def _is_spiece_key(key: str) -> bool:
+    return key == _SPIECE_KEY or key.endswith("." + _SPIECE_KEY)
+
+
+def _umt5_key_map(keys: Sequence[str], path: Path):
+    """Stored name -> transformers ``UMT5EncoderModel`` name (None: not an encoder weight), for either layout."""
+    final = [k for k in keys if k == _FINAL_NORM or k.endswith("." + _FINAL_NORM)]
+    if final:
+        prefix = final[0][: -len(_FINAL_NORM)]  # "" for ComfyUI's files; e.g. "t5_text_encoder." in combined ones
+
+        def hf_name(key: str):
+            if not key.startswith(prefix) or _is_spiece_key(key):
+                return None
+            name = key[len(prefix):]
+            if name.startswith(("decoder.", "lm_head.")):
+                return None  # an encoder-decoder export: the decoder is not needed
+            return name
+        return hf_name
+    if "token_embedding.weight" in keys and "blocks.0.attn.q.weight" in keys:
+        def wan_name(key: str):
+            if key in _WAN_GLOBAL_NAMES:
+                return _WAN_GLOBAL_NAMES[key]
+            head, _, rest = key.partition(".")
+            index, _, leaf = rest.partition(".")
+            if head == "blocks" and index.isdigit() and leaf in _WAN_BLOCK_NAMES:
+                return f"encoder.block.{index}.{_WAN_BLOCK_NAMES[leaf]}"
+            return None if _is_spiece_key(key) else key
+        return wan_name
+    first = ", ".join(sorted(k for k in keys if not _is_quant_side_key(k))[:5])
+    raise BerniniError(f"'{path}' is not a UMT5 text encoder file (first keys: {first}); {_GET_UMT5}.")
+
+
+def _umt5_config_from_shapes(names: dict, source: TensorSource, path: Path):
+    """A transformers UMT5Config whose sizes are read off the checkpoint (so tiny files load too)."""
+    from transformers import UMT5Config
+
+    def shape(name: str) -> tuple:
+        if name not in names:
+            raise BerniniError(f"'{path}' lacks the UMT5 tensor '{name}'; the file is truncated or not a UMT5 "
+                               f"encoder; {_GET_UMT5}.")
+        return source.shape(names[name])
+
+    attention = "encoder.block.{}.layer.0.SelfAttention."
+    layers = len({int(n.split(".")[2]) for n in names if n.startswith("encoder.block.")})
+    if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in names:
+        raise BerniniError(f"'{path}' is an original T5 (non-gated feed-forward) encoder, not UMT5; {_GET_UMT5}.")
+    if layers > 1 and attention.format(1) + "relative_attention_bias.weight" not in names:
+        # T5 v1.1 / t5xxl (Flux, SD3) share one position-bias table; UMT5 has one per layer.
+        raise BerniniError(f"'{path}' is a T5 encoder with a shared position bias (e.g. t5xxl for Flux / SD3), "
+                           f"not UMT5-XXL, which Wan and Bernini use; {_GET_UMT5}.")
+    vocab, d_model = shape("shared.weight")
+    buckets, heads = shape(attention.format(0) + "relative_attention_bias.weight")
+    inner = shape(attention.format(0) + "q.weight")[0]
+    d_ff = shape("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0]
+    if inner % heads:
+        raise BerniniError(f"'{path}' has inconsistent attention shapes ({inner} features for {heads} heads).")
+    return UMT5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=heads, relative_attention_num_buckets=buckets,
+                      relative_attention_max_distance=_UMT5_MAX_DISTANCE, feed_forward_proj="gated-gelu",
+                      layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def _read_block_groups(source: TensorSource, keys: Sequence[str]):
+    """Yield the file's weights one block at a time (non-block tensors first), through one open handle."""
+    from safetensors import safe_open
+
+    groups: dict = {}
+    for key in keys:
+        if _is_spiece_key(key):
+            continue
+        match = _BLOCK_INDEX.search(key)
+        groups.setdefault(int(match.group(1)) if match else -1, []).append(key)
+    with safe_open(str(source.path), framework="pt", device="cpu") as handle:
+        for index in sorted(groups):
+            yield {key: handle.get_tensor(key) for key in groups[index]}
+
+
+def _embedded_spiece(keys: Sequence[str], source: TensorSource, path: Path) -> bytes:
+    found = [k for k in keys if _is_spiece_key(k)]
+    if not found:
+        raise BerniniError(
+            f"'{path}' has no embedded tokenizer (the '{_SPIECE_KEY}' tensor ComfyUI stores). Either {_GET_UMT5} "
+            "(they embed it), or pass tokenizer_dir=<a google/umt5-xxl tokenizer folder, e.g. the tokenizer/ "
+            "folder of Wan-AI/Wan2.1-T2V-14B-Diffusers>.")
+    tensor = source.get(found[0])
+    if tensor.element_size() != 1:
+        raise BerniniError(f"'{found[0]}' in '{path}' is not a byte tensor; the embedded tokenizer is corrupted.")
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _tokenizer_from_spiece(model_bytes: bytes, vocab_size: int, path: Path):
+    """google/umt5-xxl's tokenizer rebuilt from its SentencePiece model: T5 pieces, pad 0, EOS 1 appended, the
+    300 sentinels after the pieces. ``legacy`` is set as the T5 family's historical default; it only changes
+    text that directly follows a literal special token, and transformers 5 ignores it."""
+    import tempfile
+
+    import sentencepiece
+    from transformers import T5TokenizerFast
+
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_proto=model_bytes)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise BerniniError(f"The embedded tokenizer of '{path}' is not a valid SentencePiece model ({exc}); the "
+                           f"file is corrupted, re-download it.") from None
+    pieces = processor.get_piece_size()
+    if processor.pad_id() != 0 or processor.eos_id() != 1 or pieces > vocab_size:
+        raise BerniniError(f"The embedded tokenizer of '{path}' is not UMT5's (pad {processor.pad_id()}, eos "
+                           f"{processor.eos_id()}, {pieces} pieces for {vocab_size} embedding rows); {_GET_UMT5}.")
+    has_sentinels = processor.piece_to_id("<extra_id_0>") != processor.unk_id()
+    extra_ids = _UMT5_EXTRA_IDS if not has_sentinels and vocab_size >= pieces + _UMT5_EXTRA_IDS else 0
+    with tempfile.TemporaryDirectory(prefix="bernini_umt5_") as folder:
+        (Path(folder) / "spiece.model").write_bytes(model_bytes)
+        tokenizer = T5TokenizerFast.from_pretrained(
+            folder, extra_ids=extra_ids, legacy=True, local_files_only=True,
+            pad_token=processor.id_to_piece(0), eos_token=processor.id_to_piece(1),
+            unk_token=processor.id_to_piece(processor.unk_id()))
+    if tokenizer.pad_token_id != 0 or tokenizer.eos_token_id != 1:
+        raise BerniniError(f"The embedded tokenizer of '{path}' maps pad/eos to {tokenizer.pad_token_id}/"
+                           f"{tokenizer.eos_token_id} instead of 0/1; it is not UMT5's. {_GET_UMT5}.")
+    return tokenizer
+
+
+def _tokenizer_from_folder(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    folder = Path(tokenizer_dir)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise BerniniError(f"tokenizer_dir '{folder}' holds no tokenizer.json / spiece.model; pass the "
+                           "google/umt5-xxl tokenizer folder (in a Wan -Diffusers download: <model>/tokenizer).")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def pad_context(embeds: Sequence[Tensor], min_rows: int = 512) -> Tensor:

@@ -1,0 +1,309 @@
+"""The one module that talks to ComfyUI (design.md §2, §5; spec/comfyui.md §2): handles are (Core)ModelPatchers
+loaded with ``load_models_gpu`` so ComfyUI's memory manager evicts our models like its own; progress goes to
+``comfy.utils.ProgressBar`` with Latent2RGB previews; interrupts come from ComfyUI; layers from ``comfy.ops`` so
+``--lowvram`` can stream weights; model folders from ``folder_paths``. ComfyUI is imported inside functions
+only: without it the package imports and every function here falls back to the standalone behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from .errors import BerniniError
+from .runtime import ModelHandle, Runtime, module_bytes, resolve_device
+
+MODEL_FOLDER = "bernini"  # models/bernini/<official folder with config.json>
+FILE_KINDS = ("diffusion_models", "text_encoders", "vae")
+TEXT_ENCODER_HANDLES = ("umt5", "t5", "text_encoder")
+VAE_HANDLES = ("vae",)
+OPS_LAYERS = ("Linear", "Conv2d", "Conv3d", "LayerNorm", "GroupNorm", "Embedding")
+DEFAULT_PREVIEW_SIZE = 512  # ComfyUI's --preview-size default
+_HANDLE_ATTR = "_bernini_comfy_handle"
+
+
+def comfy_available() -> bool:
+    """True inside ComfyUI. ComfyUI imports comfy.model_management before any custom node loads; we only
+    look, never import it ourselves (importing it initialises devices and reads ComfyUI's CLI flags)."""
+    return "comfy.model_management" in sys.modules
+
+
+def _model_management():
+    import comfy.model_management
+
+    return comfy.model_management
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+@dataclass
+class PatcherHandle(ModelHandle):
+    """A ModelHandle whose module is owned by a ComfyUI ModelPatcher."""
+
+    patcher: Any = None
+    # Modules not built from ComfyUI's layers (transformers' UMT5 and Qwen) cannot be streamed under --lowvram:
+    # ComfyUI would leave their layers on the CPU. They are loaded whole.
+    force_full_load: bool = False
+
+    def load(self) -> torch.nn.Module:
+        _load_models([self])
+        return self.module
+
+    def offload(self) -> None:  # nothing: ComfyUI's manager evicts models when it needs the memory
+        pass
+
+
+def _load_models(handles) -> None:
+    _model_management().load_models_gpu([h.patcher for h in handles],
+                                        force_full_load=any(h.force_full_load for h in handles))
+
+
+class _PatcherModel(torch.nn.Module):
+    """What a ModelPatcher owns: our module as its only child. ComfyUI writes bookkeeping attributes on the model
+    it patches (`device`, `model_loaded_weight_memory`, ...); a transformers model's read-only `device` refuses."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.inner = module
+
+
+@dataclass
+class _StageBar:  # the ProgressBar of one stage run
+    stage: str
+    total: int
+    step: int
+    bar: Any
+    preview_size: Optional[int]  # None: previews are off
+
+
+class ComfyRuntime(Runtime):
+    """The engine's runtime protocol backed by ComfyUI's model management, progress bar and interrupts."""
+
+    def __init__(self, device="auto"):
+        # An explicit device pins every model to it; "auto" lets ComfyUI pick per model kind.
+        self._pinned_device = None if device in (None, "auto") else resolve_device(device)
+        self.device = self._pinned_device or _model_management().get_torch_device()
+        self.offload = False  # the memory manager decides, not us
+        self._bar: Optional[_StageBar] = None
+        self._rgb = {}  # (device, dtype) -> (factors [3,16], bias [3]) for previews, built once
+
+    def _devices_for(self, name: str, mm) -> tuple[torch.device, torch.device]:
+        if name in TEXT_ENCODER_HANDLES:
+            load, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
+        elif name in VAE_HANDLES:
+            load, offload = mm.vae_device(), mm.vae_offload_device()
+        else:  # the DiT experts and the planner: the diffusion model's devices
+            load, offload = mm.get_torch_device(), mm.unet_offload_device()
+        return (self._pinned_device or load), offload
+
+    def handle(self, name: str, module: torch.nn.Module) -> PatcherHandle:
+        """A (Core)ModelPatcher per module: ComfyUI tracks loaded models per patcher, so two around the same weights
+        would count them twice and one could evict them under the other. The handle lives on the module (a cycle
+        the GC collects with it): the planner, wrapped on every planning call, keeps one patcher."""
+        mm = _model_management()
+        load_device, offload_device = self._devices_for(name, mm)
+        existing = module.__dict__.get(_HANDLE_ATTR)
+        if existing is not None and (existing.load_device, existing.offload_device) == (load_device, offload_device):
+            return existing
+        import comfy.model_patcher as model_patcher
+
+        # CoreModelPatcher is ModelPatcherDynamic where ComfyUI's dynamic VRAM is on (spec/comfyui.md §2).
+        patcher_class = getattr(model_patcher, "CoreModelPatcher", model_patcher.ModelPatcher)
+        patcher = patcher_class(_PatcherModel(module), load_device=load_device, offload_device=offload_device,
+                                size=module_bytes(module))
+        streamable = any(getattr(m, "comfy_cast_weights", False) for m in module.modules())
+        handle = PatcherHandle(name, module, load_device, offload_device, patcher=patcher,
+                               force_full_load=not streamable)
+        module.__dict__[_HANDLE_ATTR] = handle
+        return handle
+
+    @contextlib.contextmanager
+    def use(self, *handles: PatcherHandle) -> Iterator[tuple[torch.nn.Module, ...]]:
+        """Load the stage's models together; nothing is offloaded afterwards (the manager evicts on demand)."""
+        _load_models(handles)
+        yield tuple(h.module for h in handles)
+
+    def release(self, *handles: PatcherHandle) -> None:  # nothing forced: load_models_gpu evicts on demand
+        pass
+
+    def check_interrupt(self) -> None:
+        _model_management().throw_exception_if_processing_interrupted()
+
+    def progress(self, stage: str, step: int, total: int, latent: Optional[torch.Tensor] = None) -> None:
+        """One ProgressBar per stage run: a new run starts when the stage or total changes or the step goes back."""
+        run = self._bar
+        if run is None or run.stage != stage or run.total != total or step <= run.step:
+            import comfy.utils
+
+            run = self._bar = _StageBar(stage, total, step, comfy.utils.ProgressBar(total), _preview_size())
+        run.step = step
+        preview = None
+        if latent is not None and run.preview_size:
+            preview = ("JPEG", self._preview_image(latent), run.preview_size)
+        run.bar.update_absolute(step, total, preview)
+
+    def _preview_image(self, latent: torch.Tensor):
+        """The last latent frame through Wan 2.1's latent_rgb_factors/bias, as ComfyUI's Latent2RGB previewer. ComfyUI
+        applies them to the latent it samples, Wan21.process_in(raw) = (raw - mean) / std (samplers.inner_sample;
+        latent_preview's TAEHV path alone calls process_out first): the engine's normalised latent, used as is."""
+        from PIL import Image
+
+        frame = latent[0, :, -1] if latent.ndim == 5 else latent[0]  # [16, h, w]
+        key = (frame.device, frame.dtype)
+        if key not in self._rgb:
+            import comfy.latent_formats
+
+            fmt = comfy.latent_formats.Wan21
+            factors = torch.tensor(fmt.latent_rgb_factors, dtype=frame.dtype, device=frame.device).t()
+            bias = torch.tensor(fmt.latent_rgb_factors_bias, dtype=frame.dtype, device=frame.device)
+            self._rgb[key] = (factors, bias)
+        factors, bias = self._rgb[key]
+        rgb = torch.nn.functional.linear(frame.movedim(0, -1), factors, bias)  # [h, w, 3] in about -1..1
+        pixels = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).to(torch.uint8).cpu()
+        return Image.fromarray(pixels.numpy())
+
+
+def _preview_size() -> Optional[int]:
+    """--preview-size, or None when --preview-method is "none" (latent_preview.get_previewer's rule)."""
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return None
+    method = getattr(args, "preview_method", None)
+    if method is None or str(getattr(method, "value", method)).lower() == "none":
+        return None
+    return int(getattr(args, "preview_size", None) or DEFAULT_PREVIEW_SIZE)
+
+
+def runtime(device="auto", offload: bool = True) -> Runtime:
+    """ComfyRuntime inside ComfyUI (which decides offloading), else the standalone Runtime."""
+    return ComfyRuntime(device) if comfy_available() else Runtime(device, offload=offload)
+
+
+def intermediate_device() -> torch.device:
+    """Where ComfyUI keeps latents and images between nodes (the CPU unless --gpu-only)."""
+    return _model_management().intermediate_device() if comfy_available() else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- ops
+def comfy_ops(dtype=None):
+    """ComfyUI's cast/offload layers for our models (ops.py), or None outside ComfyUI (→ torch.nn).
+
+    manual_cast for every dtype: its layers cast weights to the input's dtype and device in every forward, which
+    lets --lowvram stream weights and serves the fp32 islands (the DiT runs LayerNorm on .float() input, full
+    Bernini keeps those norms in bf16: disable_weight_init's plain forward refuses that mix). Conv3d casts the
+    same way. `dtype` is accepted for interface stability only.
+
+    The layers are subclassed to allocate parameters at construction: with ComfyUI's dynamic VRAM on, comfy.ops
+    layers leave `weight` None until load_state_dict (only for classes keeping ComfyUI's _load_from_state_dict),
+    while our loaders build on the meta device and assign into existing parameters."""
+    del dtype
+    if not comfy_available():
+        return None
+    import comfy.ops
+
+    return _eager_layers(comfy.ops.manual_cast)
+
+
+@functools.lru_cache(maxsize=2)  # one namespace per ops base: stable classes, built once
+def _eager_layers(base) -> types.SimpleNamespace:
+    def _load_from_state_dict(self, *args, **kwargs):
+        return torch.nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+    def eager(layer):
+        return type(layer.__name__, (layer,), {"_load_from_state_dict": _load_from_state_dict, "__module__": __name__})
+
+    return types.SimpleNamespace(**{name: eager(getattr(base, name)) for name in OPS_LAYERS})
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def register_model_folders() -> None:
+    """Register models/bernini for the official model folders (idempotent: folder_paths skips known paths)."""
+    if not comfy_available():
+        return
+    import folder_paths
+
+    folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+
+
+def _bernini_roots() -> list[Path]:
+    import folder_paths
+
+    register_model_folders()
+    return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
+
+
+def _model_dirs(root: Path) -> list[str]:
+    """Folders one or two levels down holding a config.json; an official folder's own sub-folders
+    (transformer/, vae/, ...) hold one too, so those are not listed."""
+    found = sorted(c.parent for c in root.glob("*/config.json"))
+    found += sorted(c.parent for c in root.glob("*/*/config.json") if not (c.parent.parent / "config.json").is_file())
+    return [folder.relative_to(root).as_posix() for folder in found]
+
+
+def _check_kind(kind: str) -> None:
+    if kind != MODEL_FOLDER and kind not in FILE_KINDS:
+        raise BerniniError(f"unknown model kind {kind!r}; use one of {(MODEL_FOLDER,) + FILE_KINDS}.")
+
+
+def list_models(kind: str) -> list[str]:
+    """Model folders ("bernini") or files ("diffusion_models", "text_encoders", "vae"); [] outside ComfyUI."""
+    _check_kind(kind)
+    if not comfy_available():
+        return []
+    if kind == MODEL_FOLDER:
+        return list(dict.fromkeys(name for root in _bernini_roots() for name in _model_dirs(root)))
+    import folder_paths
+
+    return list(folder_paths.get_filename_list(kind))
+
+
+def model_path(kind: str, name: str) -> Path:
+    """The full path of a listed model; a BerniniError naming the kind and the folder to put it in if missing."""
+    _check_kind(kind)
+    if not comfy_available():
+        raise BerniniError(f"model names ({kind!r}: {name!r}) resolve only inside ComfyUI; pass a path instead.")
+    import folder_paths
+
+    if kind == MODEL_FOLDER:
+        roots = _bernini_roots()
+        for root in roots:
+            candidate = (root / name).resolve()
+            inside = candidate == root.resolve() or root.resolve() in candidate.parents
+            if inside and (candidate / "config.json").is_file():
+                return candidate
+        raise BerniniError(
+            f"Bernini model folder {name!r} was not found: put the official folder (e.g. Bernini-R-Diffusers, "
+            f"with its config.json) in models/{MODEL_FOLDER}/ (searched: {', '.join(map(str, roots)) or 'none'}).")
+    try:
+        return Path(folder_paths.get_full_path_or_raise(kind, name))
+    except FileNotFoundError:
+        raise BerniniError(f"{kind} file {name!r} was not found: put it in models/{kind}/ "
+                           f"(searched: {', '.join(folder_paths.get_folder_paths(kind))}).") from None
+
+
+def models_root() -> Path:
+    """ComfyUI's models directory (downloads go to models_root() / "bernini")."""
+    if not comfy_available():
+        raise BerniniError("models_root() is only defined inside ComfyUI; pass a download folder instead.")
+    import folder_paths
+
+    return Path(folder_paths.models_dir)
+
+
+def download_progress(total: int = 0) -> Callable[..., None]:
+    """A ComfyUI ProgressBar callback `report(done, total=None)`: `done` units more, or with `total` (also when
+    the total is learnt late, total=0 here) `done` of `total` (download.py's two forms); no-op outside ComfyUI."""
+    if not comfy_available():
+        return lambda done=1, total=None: None
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+    return lambda done=1, total=None: bar.update(done) if total is None else bar.update_absolute(done, total)
