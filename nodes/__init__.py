@@ -1,5 +1,14 @@
-"""ComfyUI node classes (V1 interface). The six-stage node set lands with the ComfyUI-surface issue;
-until then the pack registers no nodes, and importing it stays side-effect free."""
+"""ComfyUI node classes (V1 interface): the seven Bernini nodes, merged from one module per stage.
+
+Node modules declare inputs only; the work lives in bernini_core.node_api. Nothing here imports ComfyUI.
+"""
+
+from . import conditioning, latent, loaders, sampling
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+for _module in (loaders, conditioning, sampling, latent):
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,301 @@
+"""The engine side of the ComfyUI nodes: one function per node beyond declaring its inputs.
+
+No ComfyUI import here (the runtime, ops and intermediate device come from `comfy_bridge`), so every node can be
+called and tested in plain Python. Data flow (design.md §3): Load Renderer → (RendererModel, TextEncoderModel,
+VAEModel) sharing one pipeline (node_models); Encode Prompt → Conditioning (the task is chosen there and travels
+with it); Sources → SourcesBundle; Plan Semantics (full Bernini) → Conditioning with a Plan; Sample → LATENT
+{"samples": raw Wan 2.1 latents}; Decode → IMAGE. Widget sentinels (0 / -1 / "auto") mean "the preset of this
+task for this model", and an input that contradicts another raises BerniniError naming both and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import comfy_bridge
+from .errors import BerniniError
+from .node_models import (  # re-exported: the nodes use node_api only
+    ATTENTION_CHOICES, DOWNLOAD_CHOICES, FULL_FAMILY, NONE, OFFICIAL_FULL, OFFICIAL_RENDERERS, PLANNER_DTYPES,
+    RENDERER_DTYPES, RENDERER_FAMILY, SINGLE_FILES, Conditioning, PlannerModel, RendererModel, SourcesBundle,
+    TextEncoderModel, VAEModel, file_choices, load_planner, load_renderer, log, planner_choices, renderer_choices)
+from .sampling.guidance import RENDERER_MODES
+from .sampling.guidance_full import FULL_MODES
+from .tasks import RENDERER_NEGATIVE_KIND, TASK_NAMES, bernini_preset, get_task
+
+__all__ = [
+    "ATTENTION_CHOICES", "DOWNLOAD_CHOICES", "FULL_FAMILY", "GUIDANCE_CHOICES", "NONE", "OFFICIAL_FULL",
+    "OFFICIAL_RENDERERS", "PLANNER_DTYPES", "RENDERER_DTYPES", "RENDERER_FAMILY", "SINGLE_FILES", "TASKS",
+    "Conditioning", "PlannerModel", "RendererModel", "SourcesBundle", "TextEncoderModel", "VAEModel", "decode",
+    "default_negative_prompt", "encode_prompt", "file_choices", "load_planner", "load_renderer", "plan",
+    "planner_choices", "prepare_sources", "renderer_choices", "sample"]
+
+TASKS = TASK_NAMES
+GUIDANCE_CHOICES = ("auto",) + RENDERER_MODES + tuple(m for m in FULL_MODES if m not in RENDERER_MODES)
+
+
+# ---------------------------------------------------------------------------- prompt
+def default_negative_prompt(family: str, version: str, task: str) -> str:
+    """The negative prompt the official presets use for this task and model (§5.1–§5.3)."""
+    from .text_encoder import negative_prompt
+
+    kind = RENDERER_NEGATIVE_KIND if family == RENDERER_FAMILY else bernini_preset(task, version)["negative"]
+    return negative_prompt(kind)
+
+
+def encode_prompt(text_encoder: TextEncoderModel, task: str, prompt: str, negative_prompt: str = "") -> Conditioning:
+    get_task(task)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BerniniError("Encode Bernini Prompt: prompt is empty; describe the image/video to generate or the edit "
+                           "to make.")
+    negative = negative_prompt if negative_prompt and negative_prompt.strip() else \
+        default_negative_prompt(text_encoder.family, text_encoder.version, task)
+    embeds = text_encoder.pipeline.encode_prompt(task, prompt, negative, None)  # system prompt: the task's (§4.4)
+    return Conditioning(task=task, embeds=embeds, prompt=prompt, negative_prompt=negative,
+                        family=text_encoder.family, version=text_encoder.version, pipeline=text_encoder.pipeline)
+
+
+# ---------------------------------------------------------------------------- sources
+def _uint8_frames(image, input_name: str) -> np.ndarray:
+    """A ComfyUI IMAGE [F,H,W,C] float 0..1 → uint8 [F,H,W,3] (rounded as media._to_uint8 rounds)."""
+    if not isinstance(image, torch.Tensor):
+        image = torch.as_tensor(np.asarray(image))
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[-1] not in (3, 4) or image.shape[0] == 0:
+        raise BerniniError(f"Bernini Sources: {input_name} must be an IMAGE batch [frames, height, width, 3]; "
+                           f"got shape {tuple(image.shape)}.")
+    image = image[..., :3].detach().cpu()  # RGBA from some loaders: alpha dropped, as PIL convert("RGB")
+    if image.dtype == torch.uint8:
+        return image.numpy()
+    return (image.float().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def _check_source_inputs(task: str, has_video: bool, has_ref_video: bool, has_image: bool, n_refs: int) -> None:
+    """The task's source rules (tasks.TASKS, §6.3) in terms of the node's inputs."""
+    spec, where = get_task(task), f"Bernini Sources: task {task!r} ({get_task(task).description})"
+    if spec.video == "required" and not has_video:
+        raise BerniniError(f"{where} edits a video: connect source_video (e.g. from GetVideoComponents).")
+    if spec.video == "none" and (has_video or has_ref_video):
+        raise BerniniError(f"{where} takes no video: disconnect source_video/reference_video, or pick a video-editing "
+                           "task (v2v, mv2v, rv2v, ads2v) in Encode Bernini Prompt.")
+    if has_ref_video and task != "ads2v":
+        raise BerniniError(f"{where} takes no reference_video (only ads2v does): disconnect it or pick ads2v.")
+    if spec.image == "required" and not has_image:
+        raise BerniniError(f"{where} needs the image to edit: connect source_image.")
+    if spec.image == "none" and has_image:
+        raise BerniniError(f"{where} takes no source_image: disconnect it, or pick i2i (edit an image) or r2v.")
+    if spec.images == "required" and n_refs == 0 and not has_image:
+        raise BerniniError(f"{where} needs reference images: connect reference_images (or reference_image_2..4).")
+    if spec.images == "none" and n_refs:
+        raise BerniniError(f"{where} takes no reference images: disconnect them, or pick r2v / rv2v.")
+
+
+def _check_same_model(first, first_input: str, second, second_input: str, node: str) -> None:
+    if (first.family, first.version) != (second.family, second.version):
+        raise BerniniError(
+            f"{node}: {first_input} comes from {first.label} but {second_input} from {second.label}; connect the "
+            "outputs of one Load Bernini Renderer (sources are resized per model: full Bernini keeps a 240 px "
+            "minimum short edge, Bernini-R does not).")
+
+
+def prepare_sources(conditioning: Conditioning, vae: VAEModel, width: int = 0, height: int = 0, frames: int = 0,
+                    fps: int = 16, max_image_size: int = 0, source_video=None, source_image=None,
+                    reference_images=None, reference_image_2=None, reference_image_3=None, reference_image_4=None,
+                    reference_video=None, video_fps: float = 0.0) -> SourcesBundle:
+    """IMAGE inputs → the engine's sources; 0 widgets take the preset of the conditioning's task and model."""
+    _check_same_model(conditioning, "conditioning", vae, "vae", "Bernini Sources")
+    task, pipe = conditioning.task, vae.pipeline
+    preset = pipe.default_settings(task)
+    num_frames = int(frames) if frames else int(preset["num_frames"])
+    height = int(height) if height else int(preset["height"])
+    width = int(width) if width else int(preset["width"])
+    max_image_size = int(max_image_size) if max_image_size else int(preset["max_image_size"])
+    if not fps or fps <= 0:
+        raise BerniniError(f"Bernini Sources: fps is {fps}; it must be positive (16 is the official rate).")
+    rate = float(video_fps) if video_fps and video_fps > 0 else None  # None: the frames are at `fps`
+    references = (("reference_images", reference_images), ("reference_image_2", reference_image_2),
+                  ("reference_image_3", reference_image_3), ("reference_image_4", reference_image_4))
+    _check_source_inputs(task, source_video is not None, reference_video is not None, source_image is not None,
+                         sum(value is not None for _, value in references))
+
+    videos = [_uint8_frames(v, n) for n, v in (("source_video", source_video), ("reference_video", reference_video))
+              if v is not None]
+    image = None
+    if source_image is not None:
+        batch = _uint8_frames(source_image, "source_image")
+        if batch.shape[0] != 1:
+            raise BerniniError(f"Bernini Sources: source_image holds {batch.shape[0]} images; it takes the one image "
+                               "to edit (pass references through reference_images).")
+        image = batch[0]
+    refs = []
+    for input_name, value in references:
+        if value is not None:
+            refs.extend(_uint8_frames(value, input_name))  # a batch = several references, in batch order
+
+    common = dict(video=videos or None, image=image, images=refs or None, fps=int(fps), num_frames=num_frames,
+                  max_image_size=max_image_size, video_fps=rate)
+    if vae.family == FULL_FAMILY:
+        sources = pipe.prepare_sources(task, height=height, width=width, **common)
+    else:
+        sources = pipe.prepare_sources(task, **common)
+    return SourcesBundle(task=task, sources=sources, family=vae.family, version=vae.version, num_frames=num_frames,
+                         height=height, width=width, max_image_size=max_image_size, fps=int(fps), video_fps=rate)
+
+
+# ---------------------------------------------------------------------------- planning
+def plan(planner: PlannerModel, conditioning: Conditioning, sources: SourcesBundle, planning_steps: int = 0,
+         vit_denoising_steps: int = 0, vit_txt_cfg: float = -1.0, vit_img_cfg: float = -1.0,
+         seed: int = 42) -> Conditioning:
+    """MaskGIT planning (§3.4–§3.7) on the renderer pipeline that encoded the prompt; returns the conditioning
+    with its Plan (the four renderer contexts)."""
+    node = "Plan Bernini Semantics"
+    if conditioning.family != FULL_FAMILY:
+        raise BerniniError(f"{node}: the conditioning comes from {conditioning.label}, which renders without a "
+                           "planner; connect Encode Bernini Prompt straight to Sample Bernini Video, or load "
+                           "Bernini-Diffusers(-v2) in Load Bernini Renderer.")
+    if conditioning.plan is not None:
+        raise BerniniError(f"{node}: the conditioning already carries a plan; connect the output of Encode Bernini "
+                           "Prompt, not of another Plan Bernini Semantics.")
+    if planner.version != conditioning.version:
+        raise BerniniError(f"{node}: the planner is Bernini {planner.version} but the conditioning comes from the "
+                           f"Bernini {conditioning.version} text encoder; load the planner and the renderer of the "
+                           "same release.")
+    _check_same_model(sources, "sources", conditioning, "conditioning", node)
+    _check_same_task(conditioning, sources, node)
+    preset = bernini_preset(conditioning.task, conditioning.version)
+    pipe = conditioning.pipeline
+    planning_pipe = pipe
+    if planner.dtype != pipe.dtype:  # the planner runs in its own dtype; contexts are cast to the renderer's below
+        planning_pipe = copy.copy(pipe)
+        planning_pipe.dtype = planner.dtype
+    result = planning_pipe.plan_semantics(
+        sources.sources, conditioning.embeds, prompt=conditioning.prompt, neg_prompt=conditioning.negative_prompt,
+        seed=int(seed), planning_step=int(planning_steps) or int(preset["planning_step"]),
+        vit_denoising_step=int(vit_denoising_steps) or int(preset["vit_denoising_step"]),
+        vit_txt_cfg=float(vit_txt_cfg) if vit_txt_cfg >= 0 else float(preset["vit_txt_cfg"]),
+        vit_img_cfg=float(vit_img_cfg) if vit_img_cfg >= 0 else float(preset["vit_img_cfg"]),
+        planner=planner.bundle)
+    if planning_pipe is not pipe:
+        result.contexts = {k: v.to(pipe.dtype) for k, v in result.contexts.items()}
+    return dataclasses.replace(conditioning, plan=result)
+
+
+def _check_same_task(conditioning: Conditioning, sources: SourcesBundle, node: str) -> None:
+    if conditioning.task != sources.task:
+        raise BerniniError(f"{node}: the conditioning is for task {conditioning.task!r} but the sources were "
+                           f"prepared for {sources.task!r}; feed Bernini Sources the same conditioning.")
+
+
+# ---------------------------------------------------------------------------- sampling
+def _check_renderer_inputs(renderer: RendererModel, conditioning: Conditioning, sources: SourcesBundle) -> None:
+    node = "Sample Bernini Video"
+    if renderer.family == RENDERER_FAMILY and conditioning.family != RENDERER_FAMILY:
+        what = "a plan (Plan Bernini Semantics)" if conditioning.plan is not None else "prompt features"
+        raise BerniniError(f"{node}: the conditioning carries {what} from {conditioning.label} but the renderer is "
+                           "Bernini-R, which uses no planner; encode the prompt with the Bernini-R text encoder and "
+                           "connect Encode Bernini Prompt directly.")
+    if renderer.family == FULL_FAMILY:
+        if conditioning.family != FULL_FAMILY:
+            raise BerniniError(f"{node}: the conditioning comes from the {conditioning.label} text encoder but the "
+                               f"renderer is {renderer.label}; use the text encoder of the same Load Bernini Renderer.")
+        if conditioning.plan is None:
+            raise BerniniError(f"{node}: {renderer.label} renders from the planner's semantics: connect Plan Bernini "
+                               "Semantics between Encode Bernini Prompt and Sample Bernini Video.")
+        if conditioning.plan.version != renderer.version:
+            raise BerniniError(f"{node}: the conditioning was planned by Bernini {conditioning.plan.version} but the "
+                               f"renderer is Bernini {renderer.version}; plan and render with the same release.")
+    _check_same_model(sources, "sources", renderer, "renderer", node)
+    _check_same_task(conditioning, sources, node)
+
+
+def _guidance_mode(renderer: RendererModel, guidance_mode: str, preset: dict) -> Optional[str]:
+    if guidance_mode in (None, "", "auto"):
+        return None
+    valid = RENDERER_MODES if renderer.family == RENDERER_FAMILY else FULL_MODES
+    if guidance_mode not in valid:
+        kind = "full-Bernini" if renderer.family == RENDERER_FAMILY else "Bernini-R"
+        raise BerniniError(f"Sample Bernini Video: guidance_mode {guidance_mode!r} is a {kind} mode but the renderer "
+                           f"is {renderer.label}; choose auto ({preset['guidance_mode']}) or one of "
+                           f"{', '.join(valid)}.")
+    return guidance_mode
+
+
+def sample(renderer: RendererModel, conditioning: Conditioning, sources: SourcesBundle, guidance_mode: str = "auto",
+           steps: int = 0, flow_shift: float = 0.0, omega_vid: float = -1.0, omega_img: float = -1.0,
+           omega_txt: float = -1.0, omega_tgt: float = -1.0, omega_scale: float = -1.0, seed: int = 42,
+           expert_boundary: float = -1.0) -> dict:
+    """Guided denoising with the task preset overridden by every non-sentinel widget; returns ComfyUI's LATENT
+    with RAW (un-normalised) Wan 2.1 latents [1,16,T,H/8,W/8] on the intermediate device."""
+    _check_renderer_inputs(renderer, conditioning, sources)
+    pipe, task = renderer.pipeline, conditioning.task
+    preset = pipe.default_settings(task)
+
+    def given(value, sentinel_below: float):
+        return None if value is None or value < sentinel_below else value
+
+    overrides = {
+        "num_frames": sources.num_frames, "height": sources.height, "width": sources.width,
+        "max_image_size": sources.max_image_size, "fps": sources.fps, "seed": int(seed),
+        "guidance_mode": _guidance_mode(renderer, guidance_mode, preset),
+        "num_inference_steps": int(steps) if steps else None,
+        "flow_shift": float(flow_shift) if flow_shift else None,
+        **{name: given(value, 0) for name, value in (("omega_vid", omega_vid), ("omega_img", omega_img),
+                                                     ("omega_txt", omega_txt), ("omega_tgt", omega_tgt),
+                                                     ("omega_scale", omega_scale))},
+    }
+    settings = pipe.resolve(task, overrides)
+    pipe = _with_expert_boundary(pipe, expert_boundary)
+    if renderer.family == FULL_FAMILY:
+        latents = pipe.sample(conditioning.plan, sources.sources, settings)
+    else:
+        latents = pipe.sample(conditioning.embeds, sources.sources, settings)
+    raw = pipe.components.vae.denormalize(latents)  # ComfyUI's Wan LATENT convention (design.md §3)
+    return {"samples": raw.to(comfy_bridge.intermediate_device())}
+
+
+def _with_expert_boundary(pipe, expert_boundary: float):
+    """A shallow copy of the pipeline switching experts at `expert_boundary` (-1: the model's own)."""
+    if expert_boundary is None or expert_boundary < 0:
+        return pipe
+    if expert_boundary > 1:
+        raise BerniniError(f"Sample Bernini Video: expert_boundary {expert_boundary} must be in [0, 1] (a fraction of "
+                           "the 1000 timesteps; 0.875 in the release) or -1 for the model's own.")
+    if pipe.experts.low is None:
+        log.warning("Sample Bernini Video: expert_boundary ignored; this renderer has a single expert.")
+        return pipe
+    switched = copy.copy(pipe)
+    switched.experts = dataclasses.replace(pipe.experts, boundary=float(expert_boundary))
+    return switched
+
+
+# ---------------------------------------------------------------------------- decoding
+def decode(vae: VAEModel, latent: dict, tiled: bool = False, tile_size: int = 256, tile_overlap: int = 64):
+    """LATENT (raw Wan 2.1 latents, ours or a native Wan node's) → IMAGE [F,H,W,3] float32 0..1 on the CPU.
+    A batch of B latents decodes to B·F frames, one video after the other."""
+    from .vae_tiling import TilingConfig
+
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    z_dim = vae.pipeline.components.vae.config.z_dim
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 5 or samples.shape[1] != z_dim:
+        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise BerniniError(f"Decode Bernini VAE: samples must be a Wan 2.1 video LATENT [batch, {z_dim}, T, H/8, W/8]; "
+                           f"got {shape} (48-channel Wan 2.2 5B latents need the Wan 2.2 VAE).")
+    tiling = None
+    if tiled:
+        if tile_overlap >= tile_size:
+            raise BerniniError(f"Decode Bernini VAE: tile_overlap {tile_overlap} must be smaller than tile_size "
+                               f"{tile_size} (e.g. 256 and 64).")
+        tiling = TilingConfig(tile_px=int(tile_size), overlap_px=int(tile_overlap))
+    pipe = vae.pipeline
+    model, device = pipe.components.vae, pipe.runtime.device
+    videos = []
+    with pipe.runtime.use(pipe.vae_handle), torch.inference_mode():
+        for item in samples:
+            video = model.decode_raw(item.unsqueeze(0).to(device, torch.float32), tiling=tiling)
+            videos.append((video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu())
+    return torch.cat(videos, dim=0).contiguous()

@@ -1,0 +1,327 @@
+"""Writes workflows/*.json (UI v0.4) and workflows/api/*.json (API twins) for ComfyUI-Bernini.
+
+Run from the repository root: python docs/dev/gen_workflows.py (development tool; not shipped, see .comfyignore)
+The graphs are described once (node, widget values by name, links by input name); the UI file stores widget
+values positionally (tests/workflow_tools.frontend_widgets), the API twin stores them by name directly, so a
+UI -> API conversion that matches the twin checks the positional layout independently.
+"""
+
+import importlib.util
+import json
+import sys
+import uuid
+from pathlib import Path
+
+ROOT = Path.cwd()
+sys.path.insert(0, str(ROOT / "tests"))
+import workflow_tools as wt  # noqa: E402
+
+
+def load_pack():
+    name = "custom_nodes_x_ComfyUI-Bernini"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PACK = load_pack()
+DEFS = wt.all_definitions(PACK.NODE_CLASS_MAPPINGS, PACK.NODE_DISPLAY_NAME_MAPPINGS)
+
+# The same role has the same node id in every workflow (API users can address "3" = the prompt everywhere).
+ROLE_IDS = {"BerniniLoadPlanner": 1, "BerniniLoadRenderer": 2, "BerniniEncodePrompt": 3, "BerniniSources": 4,
+            "BerniniPlanSemantics": 5, "BerniniSampleVideo": 6, "BerniniDecodeVAE": 7, "CreateVideo": 8,
+            "SaveVideo": 9, "SaveImage": 9, "Load Source Video": 10, "Source Video Frames": 11,
+            "Load Reference Video": 12, "Reference Video Frames": 13, "Load Image to Edit": 14,
+            "Load Reference Image": 14, "Load Reference Image 1": 14, "Load Reference Image 2": 15, "Note": 16}
+MULTILINE_H, WIDGET_H, SLOT_H, TITLE_H = 96, 26, 22, 30
+
+
+class Graph:
+    def __init__(self, name):
+        self.name = name
+        self.nodes = []  # dicts: id, type, pos, widgets, title, width
+        self.links = []  # (origin_id, origin_slot, target_id, input_name)
+
+    def add(self, type_, pos, widgets=None, title=None, width=340):
+        node = {"id": ROLE_IDS[title or type_], "type": type_, "pos": list(pos), "widgets": dict(widgets or {}),
+                "title": title, "width": width}
+        self.nodes.append(node)
+        return node["id"]
+
+    def link(self, origin, output_name, target, input_name):
+        names = DEFS[self.node(origin)["type"]]["output_name"]
+        self.links.append((origin, names.index(output_name), target, input_name))
+
+    def node(self, node_id):
+        return next(n for n in self.nodes if n["id"] == node_id)
+
+
+def topo_order(graph):
+    deps = {n["id"]: {o for o, _, t, _ in graph.links if t == n["id"]} for n in graph.nodes}
+    order, done = [], set()
+    while len(order) < len(graph.nodes):
+        for n in graph.nodes:
+            if n["id"] not in done and deps[n["id"]] <= done:
+                order.append(n["id"])
+                done.add(n["id"])
+                break
+    return {node_id: i for i, node_id in enumerate(order)}
+
+
+def widget_value(defn, widget, given):
+    if widget.kind == "control":
+        return "fixed"
+    if widget.kind == "upload":
+        return "image"
+    if widget.name in given:
+        return given[widget.name]
+    default = widget.input.options.get("default")
+    if default is None:
+        default = {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(widget.input.type)
+        if widget.input.type == "COMBO":
+            default = widget.input.choices[0]
+    return default
+
+
+def node_height(defn, n_inputs, widgets):
+    h = TITLE_H + SLOT_H * max(n_inputs, len(defn.get("output", [])))
+    for w in widgets:
+        multiline = w.input is not None and w.input.options.get("multiline")
+        h += MULTILINE_H if multiline else WIDGET_H
+    if defn["name"] in ("LoadImage", "LoadVideo"):  # room for the preview the frontend draws under the widgets
+        h += 220
+    if defn["name"] in ("SaveImage", "SaveVideo"):
+        h += 320
+    return h + 10
+
+
+def to_ui(graph, note_text, note_pos, note_size):
+    order = topo_order(graph)
+    link_rows, by_target, by_origin = [], {}, {}
+    for i, (origin, oslot, target, input_name) in enumerate(graph.links, start=1):
+        by_target[(target, input_name)] = i
+        by_origin.setdefault((origin, oslot), []).append(i)
+        link_rows.append([i, origin, oslot, target, None, DEFS[graph.node(origin)["type"]]["output"][oslot]])
+    nodes = []
+    for n in graph.nodes:
+        defn = DEFS[n["type"]]
+        inputs = []
+        for inp in wt.input_defs(defn):
+            link_id = by_target.get((n["id"], inp.name))
+            if inp.is_widget and link_id is None:
+                continue
+            entry = {"name": inp.name, "type": inp.type, "link": link_id}
+            if inp.is_widget:
+                entry["widget"] = {"name": inp.name}
+            if link_id is not None:
+                link_rows[link_id - 1][4] = len(inputs)
+            inputs.append(entry)
+        outputs = [{"name": name, "type": typ, "links": by_origin.get((n["id"], slot), [])}
+                   for slot, (name, typ) in enumerate(zip(defn["output_name"], defn["output"]))]
+        widgets = wt.frontend_widgets(defn)
+        node = {"id": n["id"], "type": n["type"], "pos": n["pos"],
+                "size": [n["width"], node_height(defn, len(inputs), widgets)], "flags": {},
+                "order": order[n["id"]] + 1, "mode": 0, "inputs": inputs, "outputs": outputs,
+                "properties": {"Node name for S&R": n["type"]},
+                "widgets_values": [widget_value(defn, w, n["widgets"]) for w in widgets]}
+        if n["title"]:
+            node["title"] = n["title"]
+        nodes.append(node)
+    note_id = ROLE_IDS["Note"]
+    nodes.insert(0, {"id": note_id, "type": "Note", "pos": list(note_pos), "size": list(note_size), "flags": {},
+                     "order": 0, "mode": 0, "inputs": [], "outputs": [], "title": "Read me: models, inputs, settings",
+                     "properties": {"text": ""}, "widgets_values": [note_text], "color": "#432", "bgcolor": "#653"})
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-bernini/workflows/" + graph.name)),
+        "revision": 0, "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(link_rows), "nodes": nodes, "links": link_rows,
+        "groups": [], "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [520, 420]}}, "version": 0.4,
+    }
+
+
+def to_api(graph):
+    prompt = {}
+    for n in sorted(graph.nodes, key=lambda n: n["id"]):  # by id; the frontend emits execution order, which a dict comparison ignores
+        defn = DEFS[n["type"]]
+        inputs = {}
+        for w in wt.frontend_widgets(defn):
+            if w.kind == "value":
+                inputs[w.name] = widget_value(defn, w, n["widgets"])
+        for origin, oslot, target, input_name in graph.links:
+            if target == n["id"]:
+                inputs[input_name] = [str(origin), oslot]
+        prompt[str(n["id"])] = {"inputs": inputs, "class_type": n["type"],
+                                "_meta": {"title": n["title"] or defn["display_name"]}}
+    return prompt
+
+
+# ------------------------------------------------------------------------------------------ the tasks
+PROMPTS = {
+    "t2i": "A red fox sitting in fresh snow at golden hour, soft warm light, detailed fur, shallow depth of field.",
+    "i2i": "Turn the photo into a watercolor painting, keeping the composition and the colors of the subject.",
+    "t2v": "A red fox trots through a snowy pine forest at sunrise; the camera follows it at ground level as snow "
+           "falls gently.",
+    "v2v": "Make it snow heavily: cover the ground, the roofs and the trees with fresh snow, keep all the motion "
+           "and the camera path unchanged.",
+    "mv2v": "Restyle the video as a hand-drawn anime scene with clean outlines and flat colors, keeping the camera "
+            "motion and every movement of the people.",
+    "rv2v": "Replace the jacket of the person in the video with the jacket shown in the reference image; keep the "
+            "person, the motion and the background unchanged.",
+    "r2v": "The person from the first reference image walks the dog from the second reference image along a beach "
+           "at sunset, the camera tracking them from the side.",
+    "ads2v": "Add the video on the computer.",
+}
+TASK_TITLES = {"t2i": "text to image", "i2i": "image editing", "t2v": "text to video", "v2v": "video editing",
+               "mv2v": "motion / style video editing", "rv2v": "video editing with a reference image",
+               "r2v": "reference images to video", "ads2v": "insert a reference video into a source video"}
+SOURCE_VIDEO, REFERENCE_VIDEO = "bernini_source.mp4", "bernini_reference.mp4"
+REFERENCE_IMAGE, SECOND_REFERENCE = "example.png", "example.png"
+IMAGE_TASKS = ("t2i", "i2i")
+
+Y = 220  # the main row; the planner loader sits above it, media loaders below
+X = {"load": 0, "encode": 420, "sources": 860, "plan": 1280, "sample": 1700, "decode": 2120, "save": 2520}
+
+
+def media_note(task):
+    lines = []
+    if task in ("v2v", "mv2v", "rv2v", "ads2v"):
+        lines.append(f"- 'Load Source Video' ({SOURCE_VIDEO} is a placeholder): upload the clip to edit. Its frames "
+                     "go to source_video and its frame rate to video_fps; Bernini Sources resamples to fps (16) and "
+                     "keeps at most `frames` (preset 81, always 4n+1), sized by the source (long edge <= "
+                     "max_image_size).")
+    if task == "ads2v":
+        lines.append(f"- 'Load Reference Video' ({REFERENCE_VIDEO} is a placeholder): the clip to insert; its frames "
+                     "go to reference_video.")
+    if task == "i2i":
+        lines.append(f"- 'Load Image to Edit' ({REFERENCE_IMAGE} is a placeholder: the sample image ComfyUI ships in "
+                     "input/): choose your image; it goes to source_image.")
+    if task == "rv2v":
+        lines.append(f"- 'Load Reference Image' ({REFERENCE_IMAGE} is a placeholder: ComfyUI's sample image): choose "
+                     "the reference; it goes to reference_images. More references: reference_image_2..4.")
+    if task == "r2v":
+        lines.append(f"- 'Load Reference Image 1/2' ({REFERENCE_IMAGE} is a placeholder: ComfyUI's sample image): "
+                     "choose your references (subjects, objects, scenes), in the order the prompt names them. "
+                     "reference_images takes a batch of same-size images; reference_image_2..4 take any size.")
+    if task in ("t2i", "t2v"):
+        lines.append("- No media: the size and length come from Bernini Sources (0 = preset: "
+                     + ("512x512, 1 frame" if task == "t2i" else "848x480, 81 frames at 16 fps") + ").")
+    return lines
+
+
+def note_text(task, family):
+    if family == "full":
+        head = (f"Bernini {task} ({TASK_TITLES[task]}) - full Bernini: the Qwen2.5-VL planner plans the target's "
+                "semantics, the Wan2.2 renderer draws it.")
+        models = ["MODELS: put the official folder in ComfyUI/models/bernini/ (folder name unchanged):",
+                  "  hf download ByteDance/Bernini-Diffusers-v2 --local-dir ComfyUI/models/bernini/Bernini-Diffusers-v2",
+                  "or set download = 'if missing' on both loaders to fetch it on first run. For v1 download "
+                  "ByteDance/Bernini-Diffusers the same way and pick Bernini-Diffusers in BOTH loaders (planner and "
+                  "renderer must be the same release)."]
+    else:
+        head = (f"Bernini-R {task} ({TASK_TITLES[task]}) - the renderer alone: no planner, the prompt conditions "
+                "the Wan2.2 renderer directly.")
+        models = ["MODELS: put the official folder in ComfyUI/models/bernini/:",
+                  "  hf download ByteDance/Bernini-R-Diffusers --local-dir ComfyUI/models/bernini/Bernini-R-Diffusers",
+                  "or set download = 'if missing'. ComfyUI single files also work: model = 'single files', then "
+                  "high_noise_model / low_noise_model (models/diffusion_models), text_encoder "
+                  "(umt5_xxl_*.safetensors in models/text_encoders) and vae (wan_2.1_vae.safetensors in models/vae)."]
+    wiring = ["WIRING: Load Renderer gives renderer -> Sample, text_encoder -> Encode Prompt, vae -> Sources and "
+              "Decode. Encode Prompt chooses the task; " + ("Plan Semantics takes the planner, the conditioning "
+                                                            "and the sources and feeds Sample."
+                                                            if family == "full" else
+                                                            "its conditioning goes to Sources and Sample.")]
+    media = ["INPUTS:"] + media_note(task)
+    settings = ["SETTINGS: 0 / -1 / auto on any widget = the official preset of this task for the connected "
+                "model (steps, guidance weights, size, frames, planner steps). Seeds are fixed (42) like the "
+                "official scripts; set control_after_generate to randomize for variations.",
+                "OUTPUT: " + ("ComfyUI/output/Bernini_*.png." if task in IMAGE_TASKS else
+                              "ComfyUI/output/video/Bernini_*.mp4. Create Video plays the frames at 16 fps, the "
+                              "rate Bernini Sources renders at: change both together.")]
+    return "\n".join([head, ""] + models + [""] + wiring + [""] + media + [""] + settings)
+
+
+def build(task, family):
+    x = dict(X)
+    if family != "full":  # no planner column: the rest moves left
+        for key in ("sample", "decode", "save"):
+            x[key] -= x["sample"] - x["plan"]
+    name = f"bernini_{task}" if family == "full" else f"bernini_r_{task}"
+    model = "Bernini-Diffusers-v2" if family == "full" else "Bernini-R-Diffusers"
+    g = Graph(name)
+    planner = g.add("BerniniLoadPlanner", (x["load"], 0), {"model": model}) if family == "full" else None
+    renderer = g.add("BerniniLoadRenderer", (x["load"], Y), {"model": model})
+    encode = g.add("BerniniEncodePrompt", (x["encode"], Y), {"task": task, "prompt": PROMPTS[task]}, width=380)
+    sources = g.add("BerniniSources", (x["sources"], Y), {"fps": 16})
+    g.link(renderer, "text_encoder", encode, "text_encoder")
+    g.link(encode, "conditioning", sources, "conditioning")
+    g.link(renderer, "vae", sources, "vae")
+    media_y = Y + 420
+    if task in ("v2v", "mv2v", "rv2v", "ads2v"):
+        load = g.add("LoadVideo", (x["load"], media_y), {"file": SOURCE_VIDEO}, title="Load Source Video")
+        parts = g.add("GetVideoComponents", (x["encode"], media_y), title="Source Video Frames")
+        g.link(load, "VIDEO", parts, "video")
+        g.link(parts, "images", sources, "source_video")
+        g.link(parts, "fps", sources, "video_fps")
+        media_y += 420
+    if task == "ads2v":
+        load = g.add("LoadVideo", (x["load"], media_y), {"file": REFERENCE_VIDEO}, title="Load Reference Video")
+        parts = g.add("GetVideoComponents", (x["encode"], media_y), title="Reference Video Frames")
+        g.link(load, "VIDEO", parts, "video")
+        g.link(parts, "images", sources, "reference_video")
+    if task == "i2i":
+        image = g.add("LoadImage", (x["load"], media_y), {"image": REFERENCE_IMAGE}, title="Load Image to Edit")
+        g.link(image, "IMAGE", sources, "source_image")
+    if task == "rv2v":
+        image = g.add("LoadImage", (x["load"], media_y), {"image": REFERENCE_IMAGE}, title="Load Reference Image")
+        g.link(image, "IMAGE", sources, "reference_images")
+    if task == "r2v":
+        first = g.add("LoadImage", (x["load"], media_y), {"image": REFERENCE_IMAGE}, title="Load Reference Image 1")
+        second = g.add("LoadImage", (x["encode"], media_y), {"image": SECOND_REFERENCE},
+                       title="Load Reference Image 2")
+        g.link(first, "IMAGE", sources, "reference_images")
+        g.link(second, "IMAGE", sources, "reference_image_2")
+    conditioning, cond_output = encode, "conditioning"
+    if family == "full":
+        plan = g.add("BerniniPlanSemantics", (x["plan"], Y))
+        g.link(planner, "planner", plan, "planner")
+        g.link(encode, "conditioning", plan, "conditioning")
+        g.link(sources, "sources", plan, "sources")
+        conditioning = plan
+    sample = g.add("BerniniSampleVideo", (x["sample"], Y))
+    g.link(renderer, "renderer", sample, "renderer")
+    g.link(conditioning, cond_output, sample, "conditioning")
+    g.link(sources, "sources", sample, "sources")
+    decode = g.add("BerniniDecodeVAE", (x["decode"], Y))
+    g.link(renderer, "vae", decode, "vae")
+    g.link(sample, "samples", decode, "samples")
+    prefix = "Bernini_" + name.removeprefix("bernini_")
+    if task in IMAGE_TASKS:
+        save = g.add("SaveImage", (x["save"], Y), {"filename_prefix": prefix}, width=420)
+        g.link(decode, "images", save, "images")
+    else:
+        video = g.add("CreateVideo", (x["decode"], Y + 250), {"fps": 16.0})
+        save = g.add("SaveVideo", (x["save"], Y), {"filename_prefix": "video/" + prefix}, width=420)
+        g.link(decode, "images", video, "images")
+        g.link(video, "VIDEO", save, "video")
+    return name, g
+
+
+CASES = [(t, "full") for t in ("t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v")] + \
+        [(t, "r") for t in ("t2v", "v2v", "rv2v", "r2v")]
+
+
+def main():
+    out, api = ROOT / "workflows", ROOT / "workflows" / "api"
+    api.mkdir(parents=True, exist_ok=True)
+    for task, family in CASES:
+        name, graph = build(task, family)
+        ui = to_ui(graph, note_text(task, family), (-480, 0), (440, 760))
+        (out / f"{name}.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (api / f"{name}.json").write_text(json.dumps(to_api(graph), indent=2, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()

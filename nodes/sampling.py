@@ -1,0 +1,55 @@
+"""Sample Bernini Video: declarative inputs over bernini_core.node_api.sample."""
+
+from bernini_core import node_api
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+def _omega(tooltip, top=20.0):
+    return ("FLOAT", {"default": -1.0, "min": -1.0, "max": top, "step": 0.05, "tooltip": tooltip + " -1 = preset."})
+
+
+class BerniniSampleVideo:
+    DESCRIPTION = ("Denoises the target with the renderer's experts under the task's guidance mode. Settings left at "
+                   "their sentinel (auto / 0 / -1) take the official preset of the task for this model.")
+    CATEGORY = "Bernini/sampling"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("samples",)
+    OUTPUT_TOOLTIPS = ("Raw Wan 2.1 latents; decode with Decode Bernini VAE (or ComfyUI's VAE Decode with the Wan 2.1 "
+                       "VAE).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "renderer": ("BERNINI_RENDERER", {"tooltip": "The renderer output of Load Bernini Renderer."}),
+            "conditioning": ("BERNINI_CONDITIONING", {
+                "tooltip": "Bernini-R: from Encode Bernini Prompt; full Bernini: from Plan Bernini Semantics."}),
+            "sources": ("BERNINI_SOURCES", {"tooltip": "From Bernini Sources."}),
+            "guidance_mode": (list(node_api.GUIDANCE_CHOICES), {
+                "default": "auto",
+                "tooltip": "auto = the task preset. Bernini-R modes: rv2v, v2v, v2v_chain, t2v, r2v_apg, v2v_apg, "
+                           "t2v_apg; full Bernini: vae_txt_vit_wapg, vae_txt_vit, rv2v_wapg, v2v_apg."}),
+            "steps": ("INT", {"default": 0, "min": 0, "max": 200, "tooltip": "Denoising steps; 0 = preset (40-50)."}),
+            "flow_shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                     "tooltip": "Flow-matching schedule shift; 0 = preset (5.0)."}),
+            "omega_vid": _omega("Guidance weight of the source video."),
+            "omega_img": _omega("Guidance weight of the images."),
+            "omega_txt": _omega("Guidance weight of the text."),
+            "omega_tgt": _omega("Full Bernini: guidance weight of the planned target semantics."),
+            "omega_scale": _omega("Factor applied to the weights once the low-noise expert takes over.", 4.0),
+            "seed": ("INT", {"default": 42, "min": 0, "max": SEED_MAX, "control_after_generate": True,
+                             "tooltip": "Seed of the initial noise."}),
+            "expert_boundary": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.005,
+                                          "tooltip": "Timestep fraction where the low-noise expert takes over; "
+                                                     "-1 = the model's switch_dit_boundary (0.875)."}),
+        }}
+
+    def sample(self, renderer, conditioning, sources, guidance_mode, steps, flow_shift, omega_vid, omega_img,
+               omega_txt, omega_tgt, omega_scale, seed, expert_boundary):
+        return (node_api.sample(renderer, conditioning, sources, guidance_mode, steps, flow_shift, omega_vid,
+                                omega_img, omega_txt, omega_tgt, omega_scale, seed, expert_boundary),)
+
+
+NODE_CLASS_MAPPINGS = {"BerniniSampleVideo": BerniniSampleVideo}
+NODE_DISPLAY_NAME_MAPPINGS = {"BerniniSampleVideo": "Sample Bernini Video"}
