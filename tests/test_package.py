@@ -35,6 +35,7 @@ def test_pyproject_metadata():
     assert torch_deps and all("==" not in d for d in torch_deps)  # never a pin that pulls CUDA wheels
     assert {"pytest", "diffusers"} <= {d.split(">")[0].split("=")[0] for d in project["optional-dependencies"]["test"]}
     assert "Repository" in project["urls"]
+    assert any(d.startswith("comfyui-frontend-package>=") for d in project["dependencies"])  # Registry frontend range
     assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"]
     assert comfy["requires-comfyui"].startswith(">=0.")
 
