@@ -106,7 +106,7 @@ def _check_same_model(first, first_input: str, second, second_input: str, node: 
 def prepare_sources(conditioning: Conditioning, vae: VAEModel, width: int = 0, height: int = 0, frames: int = 0,
                     fps: int = 16, max_image_size: int = 0, source_video=None, source_image=None,
                     reference_images=None, reference_image_2=None, reference_image_3=None, reference_image_4=None,
-                    reference_video=None, video_fps: float = 0.0) -> SourcesBundle:
+                    reference_video=None, video_fps: float = 0.0, reference_video_fps: float = 0.0) -> SourcesBundle:
     """IMAGE inputs → the engine's sources; 0 widgets take the preset of the conditioning's task and model."""
     _check_same_model(conditioning, "conditioning", vae, "vae", "Bernini Sources")
     task, pipe = conditioning.task, vae.pipeline
@@ -118,6 +118,7 @@ def prepare_sources(conditioning: Conditioning, vae: VAEModel, width: int = 0, h
     if not fps or fps <= 0:
         raise BerniniError(f"Bernini Sources: fps is {fps}; it must be positive (16 is the official rate).")
     rate = float(video_fps) if video_fps and video_fps > 0 else None  # None: the frames are at `fps`
+    ref_rate = float(reference_video_fps) if reference_video_fps and reference_video_fps > 0 else rate
     references = (("reference_images", reference_images), ("reference_image_2", reference_image_2),
                   ("reference_image_3", reference_image_3), ("reference_image_4", reference_image_4))
     _check_source_inputs(task, source_video is not None, reference_video is not None, source_image is not None,
@@ -137,8 +138,9 @@ def prepare_sources(conditioning: Conditioning, vae: VAEModel, width: int = 0, h
         if value is not None:
             refs.extend(_uint8_frames(value, input_name))  # a batch = several references, in batch order
 
+    rates = [r for r, v in ((rate, source_video), (ref_rate, reference_video)) if v is not None]  # one per video
     common = dict(video=videos or None, image=image, images=refs or None, fps=int(fps), num_frames=num_frames,
-                  max_image_size=max_image_size, video_fps=rate)
+                  max_image_size=max_image_size, video_fps=rates)
     if vae.family == FULL_FAMILY:
         sources = pipe.prepare_sources(task, height=height, width=width, **common)
     else:

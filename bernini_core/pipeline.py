@@ -40,6 +40,14 @@ CALL_KEYWORDS = frozenset(
 )
 
 
+def video_rate(video_fps, index: int):
+    """The frame rate of in-memory video number `index`: `video_fps` is None (= fps), one rate for every video,
+    or one rate per video (None entries = fps)."""
+    if isinstance(video_fps, (list, tuple)):
+        return video_fps[index] if index < len(video_fps) else None
+    return video_fps
+
+
 def make_divisible(value: int, stride: int = 16) -> int:
     """The official size snap: nearest multiple of `stride`, at least `stride` (§4.8)."""
     return max(stride, int(round(value / stride) * stride))
@@ -155,7 +163,7 @@ class RendererPipeline(BerniniPipeline):
         fps: float = 16,
         num_frames: int = 81,
         max_image_size: int = 848,
-        video_fps: Optional[float] = None,
+        video_fps=None,
         min_short_edge: int = 1,
         tiling=None,
     ) -> Sources:
@@ -175,7 +183,7 @@ class RendererPipeline(BerniniPipeline):
             for index, item in enumerate(videos):
                 pixels = media.load_video(
                     item, fps=fps, num_frames=num_frames, max_image_size=max_image_size,
-                    min_short_edge=min_short_edge, video_fps=video_fps,
+                    min_short_edge=min_short_edge, video_fps=video_rate(video_fps, index),
                 )
                 if index == 0:
                     sources.frame_count, sources.height, sources.width = pixels.shape[1], pixels.shape[2], pixels.shape[3]

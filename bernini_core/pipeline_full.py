@@ -19,7 +19,7 @@ import torch
 from . import media
 from .denoise import Experts, check_geometry, check_scheduler, denoise, force_4n_plus_1
 from .errors import BerniniError
-from .pipeline import BerniniPipeline, CALL_KEYWORDS, vae_tiling
+from .pipeline import BerniniPipeline, CALL_KEYWORDS, vae_tiling, video_rate
 from .planner import vision
 from .planner.maskgit import PlannerContexts, plan
 from .planner.template import PlannerTemplate, VisualItem
@@ -155,7 +155,7 @@ class FullPipeline(BerniniPipeline):
     # ------------------------------------------------------------------ stage 2: sources
     def prepare_sources(self, task: str, *, video=None, image=None, images=None, fps: int = 16,
                         num_frames: int = 81, height: int = 480, width: int = 848, max_image_size: int = 848,
-                        video_fps: Optional[float] = None, tiling=None) -> PlannerSources:
+                        video_fps=None, tiling=None) -> PlannerSources:
         """VAE latents and ViT features of every source, and the target placeholder (§3.2, §4.8, §11.4)."""
         spec = get_task(task)
         videos = [] if video is None else (list(video) if isinstance(video, (list, tuple)) else [video])
@@ -168,8 +168,9 @@ class FullPipeline(BerniniPipeline):
         out = PlannerSources(task=task)
         device, vae = self.vae_handle.load_device, self.components.vae
         with self.runtime.use(self.vae_handle), torch.inference_mode():
-            for item in videos:
-                frames, rate = _frames_and_rate(item, video_fps if video_fps is not None else fps)
+            for index, item in enumerate(videos):
+                rate = video_rate(video_fps, index)
+                frames, rate = _frames_and_rate(item, rate if rate is not None else fps)
                 pixels = media.load_video(frames, fps=fps, num_frames=num_frames, max_image_size=max_image_size,
                                           min_short_edge=FULL_MIN_SHORT_EDGE, video_fps=rate)
                 out.videos.append(vae.encode(pixels.unsqueeze(0).to(device), tiling=tiling).float().cpu())

@@ -77,19 +77,23 @@ class BerniniSources:
                 "reference_image_4": _reference("Another reference image (any size), after reference_image_3."),
                 "reference_video": ("IMAGE", {"tooltip": "ads2v: frames of the reference video to insert."}),
                 "video_fps": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 240.0, "step": 0.001,
-                                        "tooltip": "Frame rate of the incoming source_video (and reference_video) "
-                                                   "frames, e.g. GetVideoComponents' fps; 0 = fps."}),
+                                        "tooltip": "Frame rate of the incoming source_video frames, e.g. "
+                                                   "GetVideoComponents' fps; 0 = fps."}),
+                "reference_video_fps": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 240.0, "step": 0.001,
+                                                  "tooltip": "Frame rate of the incoming reference_video frames "
+                                                             "(ads2v); 0 = video_fps."}),
             },
         }
 
     def prepare(self, conditioning, vae, width, height, frames, fps, max_image_size, source_video=None,
                 source_image=None, reference_images=None, reference_image_2=None, reference_image_3=None,
-                reference_image_4=None, reference_video=None, video_fps=0.0):
+                reference_image_4=None, reference_video=None, video_fps=0.0, reference_video_fps=0.0):
         return (node_api.prepare_sources(
             conditioning, vae, width=width, height=height, frames=frames, fps=fps, max_image_size=max_image_size,
             source_video=source_video, source_image=source_image, reference_images=reference_images,
             reference_image_2=reference_image_2, reference_image_3=reference_image_3,
-            reference_image_4=reference_image_4, reference_video=reference_video, video_fps=video_fps),)
+            reference_image_4=reference_image_4, reference_video=reference_video, video_fps=video_fps,
+            reference_video_fps=reference_video_fps),)
 
 
 class BerniniPlanSemantics:

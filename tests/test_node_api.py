@@ -138,16 +138,17 @@ def media(media_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("node_media")
     rng = np.random.default_rng(1)
     ref_video = rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
-    _write_video(root / "ref_video_24.mp4", ref_video, 24)  # ads2v: one video_fps serves both videos
+    _write_video(root / "ref_video_12.mp4", ref_video, 12)  # ads2v: the reference clip has its own frame rate
     Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "ref0b.png")  # ref0's size
 
     video_u8, video_fps = read_video(media_dir / "source.mp4")
-    ref_video_u8, ref_fps = read_video(root / "ref_video_24.mp4")
-    assert video_fps == ref_fps == 24.0
-    paths = {"video": str(media_dir / "source.mp4"), "ref_video": str(root / "ref_video_24.mp4"),
+    ref_video_u8, ref_fps = read_video(root / "ref_video_12.mp4")
+    assert (video_fps, ref_fps) == (24.0, 12.0)
+    paths = {"video": str(media_dir / "source.mp4"), "ref_video": str(root / "ref_video_12.mp4"),
              "ref0": str(media_dir / "ref0.png"), "ref0b": str(root / "ref0b.png"), "ref1": str(media_dir / "ref1.png")}
     pixels = {name: np.asarray(Image.open(paths[name]).convert("RGB")) for name in ("ref0", "ref0b", "ref1")}
     return SimpleNamespace(paths=paths, video=_image(video_u8), ref_video=_image(ref_video_u8), fps=video_fps,
+                           ref_fps=ref_fps,
                            ref0=_image(pixels["ref0"]), ref1=_image(pixels["ref1"]),
                            ref_batch=_image(np.stack([pixels["ref0"], pixels["ref0b"]])))
 
@@ -162,7 +163,8 @@ def task_inputs(task, media):
         "i2i": ({"image": p["ref0"]}, {"source_image": media.ref0}),
         "v2v": ({"video": p["video"]}, video),
         "mv2v": ({"video": p["video"]}, video),
-        "ads2v": ({"video": [p["video"], p["ref_video"]]}, {**video, "reference_video": media.ref_video}),
+        "ads2v": ({"video": [p["video"], p["ref_video"]]},
+                  {**video, "reference_video": media.ref_video, "reference_video_fps": media.ref_fps}),
         # a batch of two same-size references, then one of another size
         "r2v": ({"images": [p["ref0"], p["ref0b"], p["ref1"]]},
                 {"reference_images": media.ref_batch, "reference_image_2": media.ref1}),

@@ -54,7 +54,7 @@ CONTRACT = {
         ("source_video", "IMAGE", None), ("source_image", "IMAGE", None), ("reference_images", "IMAGE", None),
         ("reference_image_2", "IMAGE", None), ("reference_image_3", "IMAGE", None),
         ("reference_image_4", "IMAGE", None), ("reference_video", "IMAGE", None),
-        ("video_fps", "FLOAT", 0.0, 0.0, 240.0, 0.001),
+        ("video_fps", "FLOAT", 0.0, 0.0, 240.0, 0.001), ("reference_video_fps", "FLOAT", 0.0, 0.0, 240.0, 0.001),
     ], [("BERNINI_SOURCES", "sources")]),
     "BerniniPlanSemantics": ("Plan Bernini Semantics", "Bernini/conditioning", [
         ("planner", "BERNINI_PLANNER", None), ("conditioning", "BERNINI_CONDITIONING", None),

@@ -33,7 +33,7 @@ CONTRACT_WIDGETS = {
     "BerniniLoadRenderer": ["model", "weight_dtype", "attention", "download", "high_noise_model", "low_noise_model",
                             "text_encoder", "vae"],
     "BerniniEncodePrompt": ["task", "prompt", "negative_prompt"],
-    "BerniniSources": ["width", "height", "frames", "fps", "max_image_size", "video_fps"],
+    "BerniniSources": ["width", "height", "frames", "fps", "max_image_size", "video_fps", "reference_video_fps"],
     "BerniniPlanSemantics": ["planning_steps", "vit_denoising_steps", "vit_txt_cfg", "vit_img_cfg", "seed",
                              "control_after_generate"],
     "BerniniSampleVideo": ["guidance_mode", "steps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_tgt",
@@ -151,6 +151,8 @@ def test_ui_workflow_is_wired_for_its_task(name):
         assert video_fed["type"] == "GetVideoComponents" and feeders(sources, "video_fps") is video_fed
         assert feeders(video_fed, "video")["type"] == "LoadVideo"
     assert (feeders(sources, "reference_video") is not None) == (task == "ads2v")
+    if task == "ads2v":  # the reference clip's own frame rate, from its own GetVideoComponents
+        assert feeders(sources, "reference_video_fps") is feeders(sources, "reference_video")
     assert (feeders(sources, "source_image") is not None) == (task == "i2i")
     assert (feeders(sources, "reference_images") is not None) == (task in ("rv2v", "r2v"))
     save_type = "SaveImage" if task in ("t2i", "i2i") else "SaveVideo"

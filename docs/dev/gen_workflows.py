@@ -269,6 +269,7 @@ def build(task, family):
         parts = g.add("GetVideoComponents", (x["encode"], media_y), title="Reference Video Frames")
         g.link(load, "VIDEO", parts, "video")
         g.link(parts, "images", sources, "reference_video")
+        g.link(parts, "fps", sources, "reference_video_fps")
     if task == "i2i":
         image = g.add("LoadImage", (x["load"], media_y), {"image": REFERENCE_IMAGE}, title="Load Image to Edit")
         g.link(image, "IMAGE", sources, "source_image")
