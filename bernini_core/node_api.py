@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import comfy_bridge
+from . import comfy_bridge, media
 from .errors import BerniniError
 from .node_models import (  # re-exported: the nodes use node_api only
     ATTENTION_CHOICES, DOWNLOAD_CHOICES, FULL_FAMILY, NONE, OFFICIAL_FULL, OFFICIAL_RENDERERS, PLANNER_DTYPES,
@@ -61,7 +61,7 @@ def encode_prompt(text_encoder: TextEncoderModel, task: str, prompt: str, negati
 
 # ---------------------------------------------------------------------------- sources
 def _uint8_frames(image, input_name: str) -> np.ndarray:
-    """A ComfyUI IMAGE [F,H,W,C] float 0..1 → uint8 [F,H,W,3] (rounded as media._to_uint8 rounds)."""
+    """A ComfyUI IMAGE [F,H,W,C] float 0..1 → uint8 [F,H,W,3]."""
     if not isinstance(image, torch.Tensor):
         image = torch.as_tensor(np.asarray(image))
     if image.dim() == 3:
@@ -69,10 +69,8 @@ def _uint8_frames(image, input_name: str) -> np.ndarray:
     if image.dim() != 4 or image.shape[-1] not in (3, 4) or image.shape[0] == 0:
         raise BerniniError(f"Bernini Sources: {input_name} must be an IMAGE batch [frames, height, width, 3]; "
                            f"got shape {tuple(image.shape)}.")
-    image = image[..., :3].detach().cpu()  # RGBA from some loaders: alpha dropped, as PIL convert("RGB")
-    if image.dtype == torch.uint8:
-        return image.numpy()
-    return (image.float().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    # RGBA from some loaders: alpha dropped, as PIL convert("RGB"); floats rounded to 8 bit as media does
+    return media.to_uint8(image[..., :3], f"Bernini Sources: {input_name}")
 
 
 def _check_source_inputs(task: str, has_video: bool, has_ref_video: bool, has_image: bool, n_refs: int) -> None:
