@@ -60,6 +60,21 @@ class PatcherHandle(ModelHandle):
         pass
 
 
+def _streamable(module: torch.nn.Module) -> bool:
+    """Whether ComfyUI may stream this model layer by layer (--lowvram): only when it is built from ComfyUI's
+    cast layers and holds no layer that cannot follow its input's device — transformers models (UMT5, the Qwen
+    part of the planner) and our fp8 Linear keep their weights where ComfyUI leaves them, so such a model
+    (the planner mixes both kinds) is loaded whole."""
+    from .quant import Fp8ScaledLinear
+
+    has_cast_layers = False
+    for m in module.modules():
+        if isinstance(m, Fp8ScaledLinear) or type(m).__module__.startswith("transformers."):
+            return False
+        has_cast_layers = has_cast_layers or bool(getattr(m, "comfy_cast_weights", False))
+    return has_cast_layers
+
+
 def _load_models(handles) -> None:
     _model_management().load_models_gpu([h.patcher for h in handles],
                                         force_full_load=any(h.force_full_load for h in handles))
@@ -118,9 +133,8 @@ class ComfyRuntime(Runtime):
         patcher_class = getattr(model_patcher, "CoreModelPatcher", model_patcher.ModelPatcher)
         patcher = patcher_class(_PatcherModel(module), load_device=load_device, offload_device=offload_device,
                                 size=module_bytes(module))
-        streamable = any(getattr(m, "comfy_cast_weights", False) for m in module.modules())
         handle = PatcherHandle(name, module, load_device, offload_device, patcher=patcher,
-                               force_full_load=not streamable)
+                               force_full_load=not _streamable(module))
         module.__dict__[_HANDLE_ATTR] = handle
         return handle
 
@@ -275,8 +289,10 @@ def model_path(kind: str, name: str) -> Path:
     if kind == MODEL_FOLDER:
         roots = _bernini_roots()
         for root in roots:
-            candidate = (root / name).resolve()
-            inside = candidate == root.resolve() or root.resolve() in candidate.parents
+            # Containment is checked on the normalised, unresolved path: a listed folder may be a symlink to
+            # another disk, but a name must not climb out of the root ("../x").
+            candidate = Path(os.path.normpath(root / name))
+            inside = candidate == Path(os.path.normpath(root)) or Path(os.path.normpath(root)) in candidate.parents
             if inside and (candidate / "config.json").is_file():
                 return candidate
         raise BerniniError(

@@ -150,9 +150,11 @@ def denoise(
                 context = context_inputs[getattr(arm, "text", None) or arm.context]
                 ids = list(combos[arm.combo][1]) + [0.0]
                 eps[arm] = dit(stream_inputs[arm.combo] + [target], ids, timestep, context)
-            velocity = guidance.combine(eps, omegas, sample=sample, sigma=scheduler.current_sigma)
+            sigma = scheduler.current_sigma
+            velocity = guidance.combine(eps, omegas, sample=sample, sigma=sigma)
+            denoised = sample - sigma * velocity.float()  # the x0 estimate, what ComfyUI previews
             sample = scheduler.step(velocity, sample)
-            runtime.progress("sample", index + 1, total, latent=sample)
+            runtime.progress("sample", index + 1, total, latent=denoised)
             if on_step is not None:
                 on_step(index, total, sample)
     finally:
@@ -188,7 +190,8 @@ def renderer_denoise(
 ) -> torch.Tensor:
     """Bernini-R sampling (`GEN_Wanx22.sample`): contexts = positive / negative UMT5 features padded to 512."""
     check_geometry(height, width)
-    guidance = RendererGuidance(guidance_mode, APGConfig(eta=eta, momentum=momentum, norm_threshold=tuple(norm_threshold)))
+    thresholds = (norm_threshold,) if isinstance(norm_threshold, (int, float)) else tuple(norm_threshold)
+    guidance = RendererGuidance(guidance_mode, APGConfig(eta=eta, momentum=momentum, norm_threshold=thresholds))
     check_scheduler(guidance, guidance_mode, use_unipc)
     combos = renderer_combos(sources, use_source_ids=use_source_ids, max_trained=max_trained_src_id,
                              interpolate=interpolate_src_id)

@@ -203,6 +203,27 @@ def _decode(path: Path, wanted: set[int] | None) -> dict[int, np.ndarray]:
     return frames
 
 
+def probe_video(path) -> tuple[int, float]:
+    """(frame count, fps) of a video file; the count is the number of packets, like decord."""
+    path = Path(path)
+    total, fps = _probe(path)
+    if total == 0:
+        raise BerniniError(f"video {str(path)!r} is empty (0 frames).")
+    return total, fps
+
+
+def decode_frames(path, indices) -> np.ndarray:
+    """uint8 ``[len(indices), H, W, 3]``: only the frames at ``indices`` are kept (decoding stops after the
+    last one). Like decord's fault tolerance, a frame the packets promised but the decoder did not deliver
+    falls back to the last decoded one."""
+    path = Path(path)
+    decoded = _decode(path, set(indices))
+    if not decoded:
+        raise BerniniError(f"video {str(path)!r} has no decodable frames.")
+    last = decoded[max(decoded)]
+    return np.stack([decoded.get(i, last) for i in indices])
+
+
 def read_video(path) -> tuple[np.ndarray, float]:
     """All frames of a video file as uint8 ``[F, H, W, 3]`` RGB, and its fps."""
     path = Path(path)
@@ -270,18 +291,10 @@ def load_video(source, *, fps: float = 16, num_frames: int = 81, max_image_size:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         what = f"video {str(path)!r}"
-        total, src_fps = _probe(path)
-        if total == 0:
-            raise BerniniError(f"{what} is empty (0 frames).")
+        total, src_fps = probe_video(path)
         n = smart_video_nframes(total, src_fps, fps, max_frames=num_frames)
         idx = frame_indices(total, src_fps, fps, n)
-        decoded = _decode(path, set(idx))
-        if not decoded:
-            raise BerniniError(f"{what} has no decodable frames.")
-        # Like decord's fault tolerance: a frame the packets promised but the
-        # decoder did not deliver falls back to the last decoded one.
-        last = decoded[max(decoded)]
-        picked = [decoded.get(i, last) for i in idx]
+        picked = list(decode_frames(path, idx))
     else:
         what = "video frames"
         if not hasattr(source, "shape"):

@@ -54,14 +54,17 @@ def encode_prompt(text_encoder: TextEncoderModel, task: str, prompt: str, negati
                            "to make.")
     negative = negative_prompt if negative_prompt and negative_prompt.strip() else \
         default_negative_prompt(text_encoder.family, text_encoder.version, task)
-    embeds = text_encoder.pipeline.encode_prompt(task, prompt, negative, None)  # system prompt: the task's (§4.4)
+    # The system prompt: the preset's when it names one (v1 v2v/mv2v, as run_v2v.sh passes it), else the task's (§4.4).
+    system_prompt = text_encoder.pipeline.default_settings(task).get("system_prompt")
+    embeds = text_encoder.pipeline.encode_prompt(task, prompt, negative, system_prompt)
     return Conditioning(task=task, embeds=embeds, prompt=prompt, negative_prompt=negative,
                         family=text_encoder.family, version=text_encoder.version, pipeline=text_encoder.pipeline)
 
 
 # ---------------------------------------------------------------------------- sources
-def _uint8_frames(image, input_name: str) -> np.ndarray:
-    """A ComfyUI IMAGE [F,H,W,C] float 0..1 → uint8 [F,H,W,3]."""
+def _rgb_frames(image, input_name: str) -> torch.Tensor:
+    """A ComfyUI IMAGE [F,H,W,C] (float 0..1) checked and reduced to RGB, NOT converted: the engine converts
+    only the frames it samples (a long clip is never copied whole)."""
     if not isinstance(image, torch.Tensor):
         image = torch.as_tensor(np.asarray(image))
     if image.dim() == 3:
@@ -69,8 +72,12 @@ def _uint8_frames(image, input_name: str) -> np.ndarray:
     if image.dim() != 4 or image.shape[-1] not in (3, 4) or image.shape[0] == 0:
         raise BerniniError(f"Bernini Sources: {input_name} must be an IMAGE batch [frames, height, width, 3]; "
                            f"got shape {tuple(image.shape)}.")
-    # RGBA from some loaders: alpha dropped, as PIL convert("RGB"); floats rounded to 8 bit as media does
-    return media.to_uint8(image[..., :3], f"Bernini Sources: {input_name}")
+    return image[..., :3]  # RGBA from some loaders: alpha dropped, as PIL convert("RGB")
+
+
+def _uint8_frames(image, input_name: str) -> np.ndarray:
+    """A ComfyUI IMAGE → uint8 [F,H,W,3], floats rounded to 8 bit as media does."""
+    return media.to_uint8(_rgb_frames(image, input_name), f"Bernini Sources: {input_name}")
 
 
 def _check_source_inputs(task: str, has_video: bool, has_ref_video: bool, has_image: bool, n_refs: int) -> None:
@@ -122,7 +129,7 @@ def prepare_sources(conditioning: Conditioning, vae: VAEModel, width: int = 0, h
     _check_source_inputs(task, source_video is not None, reference_video is not None, source_image is not None,
                          sum(value is not None for _, value in references))
 
-    videos = [_uint8_frames(v, n) for n, v in (("source_video", source_video), ("reference_video", reference_video))
+    videos = [_rgb_frames(v, n) for n, v in (("source_video", source_video), ("reference_video", reference_video))
               if v is not None]
     image = None
     if source_image is not None:
@@ -292,7 +299,7 @@ def decode(vae: VAEModel, latent: dict, tiled: bool = False, tile_size: int = 25
                                f"{tile_size} (e.g. 256 and 64).")
         tiling = TilingConfig(tile_px=int(tile_size), overlap_px=int(tile_overlap))
     pipe = vae.pipeline
-    model, device = pipe.components.vae, pipe.runtime.device
+    model, device = pipe.components.vae, pipe.vae_handle.load_device  # honours --cpu-vae
     videos = []
     with pipe.runtime.use(pipe.vae_handle), torch.inference_mode():
         for item in samples:

@@ -163,6 +163,8 @@ class FullPipeline(BerniniPipeline):
         if image is not None and task != "i2i":
             refs, image = [image] + refs, None  # gradio routing: a single image joins the references (§6.3)
         check_sources(spec, n_videos=len(videos), has_image=image is not None, n_images=len(refs))
+        if image is not None and refs:  # the official would build mismatched planner and renderer inputs
+            raise BerniniError("full Bernini i2i edits one image: pass `image` without reference `images`.")
         image_list = [image] if image is not None else refs
         num_frames = 1 if spec.single_frame else int(num_frames)
         out = PlannerSources(task=task)
@@ -170,11 +172,10 @@ class FullPipeline(BerniniPipeline):
         with self.runtime.use(self.vae_handle), torch.inference_mode():
             for index, item in enumerate(videos):
                 rate = video_rate(video_fps, index)
-                frames, rate = _frames_and_rate(item, rate if rate is not None else fps)
-                pixels = media.load_video(frames, fps=fps, num_frames=num_frames, max_image_size=max_image_size,
+                pixels = media.load_video(item, fps=fps, num_frames=num_frames, max_image_size=max_image_size,
                                           min_short_edge=FULL_MIN_SHORT_EDGE, video_fps=rate)
                 out.videos.append(vae.encode(pixels.unsqueeze(0).to(device), tiling=tiling).float().cpu())
-                vit_frames = frames[vision.video_vit_frame_indices(frames.shape[0], rate, fps, num_frames)]
+                vit_frames = _vit_frames(item, rate if rate is not None else fps, fps, num_frames)
                 out.video_vit_frames.append(vit_frames)
                 out.video_items.append(VisualItem("video", vision.video_grid(*vit_frames.shape[:3])))
             for item in image_list:
@@ -278,11 +279,10 @@ class FullPipeline(BerniniPipeline):
         guidance = FullGuidance(settings["guidance_mode"])
         check_scheduler(guidance, settings["guidance_mode"], self.config.use_unipc)
         n_videos, n_images = len(sources.videos), len(sources.images)
-        if self.config.use_src_id_rotary_emb:  # ids in conversation order: videos first, then images (§4.3)
-            ids = source_ids_for(n_videos + n_images, max_trained=self.config.max_trained_src_id,
-                                 interpolate=self.config.interpolate_src_id)
-        else:
-            ids = [0.0] * (n_videos + n_images)
+        # Ids in conversation order: videos first, then images (§4.3). The official full pipeline builds the source
+        # RoPE with use_src_id_rotary_emb=True hard-coded (transform_inputs), so the config flag has no effect here.
+        ids = source_ids_for(n_videos + n_images, max_trained=self.config.max_trained_src_id,
+                             interpolate=self.config.interpolate_src_id)
         video_ids, image_ids = ids[:n_videos], ids[n_videos:]
         combos = {  # token order: images, then videos, then the target (§4.2)
             "wovae": ([], []),
@@ -340,19 +340,29 @@ class FullPipeline(BerniniPipeline):
         return out
 
 
+MAX_PLANNER_SEED = 2**32 - 1  # numpy's seed range; the official np.random.seed(seed) has the same limit
+
+
 def _seed_everything(seed: int) -> None:
     """The official start of `__call__` (§11.1): Python, numpy and torch (CPU and CUDA) seeded with `seed`."""
+    if not 0 <= int(seed) <= MAX_PLANNER_SEED:
+        raise BerniniError(f"seed {seed} is out of range for full Bernini: the planner seeds numpy, which takes "
+                           f"0..{MAX_PLANNER_SEED}; pick a seed in that range.")
     random.seed(int(seed))
     np.random.seed(int(seed))
     torch.manual_seed(int(seed))
 
 
-def _frames_and_rate(item, default_fps: float):
-    """uint8 frames [F,H,W,3] and their frame rate, from a path or in-memory frames."""
+def _vit_frames(item, rate: float, fps: int, num_frames: int) -> np.ndarray:
+    """The frames the ViT sees (§3.2: sampled at fps // 8), decoding only those from a file."""
     if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
-        return media.read_video(item)
-    frames = vision.video_uint8(item)
-    return frames, float(default_fps)
+        total, rate = media.probe_video(item)
+        return media.decode_frames(item, vision.video_vit_frame_indices(total, rate, fps, num_frames))
+    frames = item if hasattr(item, "shape") else np.asarray(item)
+    if len(frames.shape) != 4 or frames.shape[0] == 0:
+        return vision.video_uint8(frames)  # raises the shape message
+    # only the picked frames are converted (elementwise rounding: the same values as converting all first)
+    return vision.video_uint8(frames[vision.video_vit_frame_indices(frames.shape[0], rate, fps, num_frames)])
 
 
 def _image_array(item):

@@ -128,6 +128,7 @@ BERNINI_BASE: dict[str, Any] = {
     "vit_img_cfg": 1.0,
 }
 _WAPG = "vae_txt_vit_wapg"
+_V2V_SYSTEM = "You are a helpful assistant specialized in video editing."  # scripts/bernini/run_v2v.sh --system_prompt
 
 
 def _full(mode, frames, height, width, max_img, steps, txt, tgt, img, vid, scale, **extra) -> dict[str, Any]:
@@ -141,9 +142,10 @@ BERNINI_V1_OVERRIDES: dict[str, dict[str, Any]] = {
     "t2i": _full(_WAPG, 1, 512, 512, 842, 50, 4.0, 0.5, 1.0, 1.0, 1.0),
     "i2i": _full(_WAPG, 1, 512, 512, 842, 40, 4.0, 0.5, 1.25, 1.25, 0.75),
     "t2v": _full(_WAPG, 81, 480, 848, 842, 50, 4.0, 0.5, 1.0, 1.0, 1.0),
-    # run_v2v.sh passes the English negative prompt (and the v2v system prompt, which is the automatic one).
-    "v2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 0.5, 1.25, 1.25, 0.75, negative="english"),
-    "mv2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 0.5, 1.25, 1.25, 0.75, negative="english"),
+    # run_v2v.sh (which also runs the mv2v case) passes the English negative prompt and the v2v system prompt
+    # explicitly, so mv2v gets v2v's system prompt for UMT5, not its own.
+    "v2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 0.5, 1.25, 1.25, 0.75, negative="english", system_prompt=_V2V_SYSTEM),
+    "mv2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 0.5, 1.25, 1.25, 0.75, negative="english", system_prompt=_V2V_SYSTEM),
     "rv2v": _full("rv2v_wapg", 81, 0, 0, 848, 40, 4.0, 1.5, 3.0, 0.75, 0.75),
     "r2v": _full(_WAPG, 81, 480, 848, 842, 40, 4.0, 1.5, 4.5, 1.25, 0.8),
     # No v1 script; gradio's v1 table sets no size, so the base 480x848 applies.

@@ -2,7 +2,7 @@
 
 from bernini_core import node_api
 
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
+PLANNER_SEED_MAX = 0xFFFFFFFF  # the planner seeds numpy (official np.random.seed), which takes 32 bits
 
 
 def _reference(tooltip):
@@ -119,7 +119,7 @@ class BerniniPlanSemantics:
                                       "tooltip": "Planner text guidance; -1 = preset (1.2)."}),
             "vit_img_cfg": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 10.0, "step": 0.05,
                                       "tooltip": "Planner source-media guidance; -1 = preset (1.0)."}),
-            "seed": ("INT", {"default": 42, "min": 0, "max": SEED_MAX, "control_after_generate": True,
+            "seed": ("INT", {"default": 42, "min": 0, "max": PLANNER_SEED_MAX, "control_after_generate": True,
                              "tooltip": "Seed of the planning draws (the official run uses one seed for planning "
                                         "and sampling)."}),
         }}

@@ -133,7 +133,18 @@ def test_modules_without_comfy_layers_are_loaded_whole(comfy):
         pass
     with rt.use(plain):
         pass
-    assert comfy.rec.full_loads == [False, True]
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    from bernini_core.quant import Fp8ScaledLinear
+
+    # the planner mixes ComfyUI layers (connector, ViT decoder) with a transformers model: loaded whole;
+    # so is an expert whose Linears keep fp8 weights (they cannot follow the input's device)
+    mixed = rt.handle("planner", torch.nn.Sequential(comfy_bridge.comfy_ops().Linear(3, 3), T5LayerNorm(3)))
+    fp8 = rt.handle("dit_low", torch.nn.Sequential(comfy_bridge.comfy_ops().LayerNorm(3), Fp8ScaledLinear(3, 3)))
+    for handle in (mixed, fp8):
+        with rt.use(handle):
+            pass
+    assert comfy.rec.full_loads == [False, True, True, True]
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -211,11 +222,21 @@ def test_renderer_runs_under_comfyui(comfy, tiny_renderer_dir):
     settings = pipe.resolve("t2v", RENDER)
     embeds = pipe.encode_prompt("t2v", "a small red fox")
     sources = pipe.prepare_sources("t2v", num_frames=5)
-    seen = []
+    seen, previewed = [], []
+    progress = pipe.runtime.progress
+
+    def record(stage, step, total, latent=None):
+        previewed.append(latent.clone())
+        return progress(stage, step, total, latent=latent)
+
+    pipe.runtime.progress = record
     latents = pipe.sample(embeds, sources, settings, on_step=lambda i, n, z: seen.append(z.clone()))
+    del pipe.runtime.progress
     wan21 = comfy.modules["comfy.latent_formats"].Wan21
-    for z, (_, _, (_, image, _)) in zip(seen, rec.bars[-1].updates, strict=True):
+    for z, (_, _, (_, image, _)) in zip(previewed, rec.bars[-1].updates, strict=True):
         assert np.abs(np.asarray(image).astype(int) - expected_preview(z, wan21).astype(int)).max() <= 1
+    # the preview shows the denoised estimate x0 = x_t − σ·v (as ComfyUI does), not the noisy latent
+    assert (previewed[0] - seen[0]).abs().max() > 0.1
 
     rec.interrupt_at = rec.interrupt_checks + 2  # the second step's check
     with pytest.raises(comfy.mm.InterruptProcessingException):

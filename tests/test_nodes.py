@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "custom_nodes_x_ComfyUI-Bernini_nodes_test"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+PLANNER_SEED_MAX = 0xFFFFFFFF  # numpy seeds (the planner) take 32 bits
 
 CUSTOM_TYPES = {"BERNINI_PLANNER", "BERNINI_RENDERER", "BERNINI_TEXT_ENCODER", "BERNINI_VAE", "BERNINI_CONDITIONING",
                 "BERNINI_SOURCES"}
@@ -61,7 +62,7 @@ CONTRACT = {
         ("sources", "BERNINI_SOURCES", None),
         ("planning_steps", "INT", 0, 0, 100, None), ("vit_denoising_steps", "INT", 0, 0, 50, None),
         ("vit_txt_cfg", "FLOAT", -1.0, -1.0, 10.0, 0.05), ("vit_img_cfg", "FLOAT", -1.0, -1.0, 10.0, 0.05),
-        ("seed", "INT", 42, 0, SEED_MAX, None),
+        ("seed", "INT", 42, 0, PLANNER_SEED_MAX, None),
     ], [], [("BERNINI_CONDITIONING", "conditioning")]),
     "BerniniSampleVideo": ("Sample Bernini Video", "Bernini/sampling", [
         ("renderer", "BERNINI_RENDERER", None), ("conditioning", "BERNINI_CONDITIONING", None),
