@@ -517,3 +517,22 @@ def test_plan_from_another_release_is_rejected(pipe_v1, pipe_v2):
     sources, _, plan = _plan(pipe_v1, "t2v", "a fox", "blurry")
     with pytest.raises(BerniniError, match="v1"):
         pipe_v2.sample(plan, sources, pipe_v2.resolve("t2v", dict(SMALL)))
+
+
+def test_seed_outside_numpy_range_is_a_clear_error(pipe_v1):
+    """The planner seeds numpy (official np.random.seed), which takes 0..2**32-1."""
+    with pytest.raises(BerniniError, match="out of range"):
+        pipe_v1("t2i", "a fox", seed=2**40, **{**SMALL, "num_frames": 1})
+
+
+def test_v1_mv2v_uses_the_system_prompt_run_v2v_sh_passes(pipe_v1):
+    """scripts/bernini/run_v2v.sh runs the mv2v case with --system_prompt '...video editing.' (§5.1)."""
+    mv2v = pipe_v1.encode_prompt("mv2v", "make it dance", system_prompt=pipe_v1.default_settings("mv2v")["system_prompt"])
+    assert mv2v.positive_text.startswith("You are a helpful assistant specialized in video editing.")
+    assert "system_prompt" not in pipe_v1.default_settings("t2v")
+
+
+def test_i2i_takes_one_image_without_references(pipe_v1, media_dir):
+    with pytest.raises(BerniniError, match="i2i edits one image"):
+        pipe_v1("i2i", "make it red", image=str(media_dir / "ref0.png"), images=[str(media_dir / "ref1.png")],
+                **{**SMALL, "num_frames": 1})

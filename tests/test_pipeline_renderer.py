@@ -245,3 +245,10 @@ def test_missing_shard(tmp_path):
     with pytest.raises(BerniniError, match=shard.name):
         BerniniPipeline.from_pretrained(path, device="cpu")
     shutil.rmtree(path)
+
+
+def test_a_single_norm_threshold_number_is_accepted(pipe):
+    """The official accepts one number for all APG rungs (and the CLI takes one value)."""
+    one = pipe("t2v", "a fox", norm_threshold=50.0, **SMALL).frames
+    three = pipe("t2v", "a fox", norm_threshold=(50.0, 50.0, 50.0), **SMALL).frames
+    assert torch.equal(one, three)
