@@ -52,8 +52,8 @@ class PatcherHandle(ModelHandle):
     # ComfyUI would leave their layers on the CPU. They are loaded whole.
     force_full_load: bool = False
 
-    def load(self) -> torch.nn.Module:
-        _load_models([self])
+    def load(self, memory_required: int = 0) -> torch.nn.Module:
+        _load_models([self], memory_required)
         return self.module
 
     def offload(self) -> None:  # nothing: ComfyUI's manager evicts models when it needs the memory
@@ -75,9 +75,13 @@ def _streamable(module: torch.nn.Module) -> bool:
     return has_cast_layers
 
 
-def _load_models(handles) -> None:
-    _model_management().load_models_gpu([h.patcher for h in handles],
-                                        force_full_load=any(h.force_full_load for h in handles))
+def _load_models(handles, memory_required: int = 0) -> None:
+    """load_models_gpu with the stage's working memory, as ComfyUI's own sampler and VAE pass it, so the manager
+    frees room for the activations too (and not only ~1 GB above the weights)."""
+    kwargs = {"force_full_load": any(h.force_full_load for h in handles)}
+    if memory_required:
+        kwargs.update(memory_required=int(memory_required), minimum_memory_required=int(memory_required))
+    _model_management().load_models_gpu([h.patcher for h in handles], **kwargs)
 
 
 class _PatcherModel(torch.nn.Module):
@@ -139,9 +143,9 @@ class ComfyRuntime(Runtime):
         return handle
 
     @contextlib.contextmanager
-    def use(self, *handles: PatcherHandle) -> Iterator[tuple[torch.nn.Module, ...]]:
+    def use(self, *handles: PatcherHandle, memory_required: int = 0) -> Iterator[tuple[torch.nn.Module, ...]]:
         """Load the stage's models together; nothing is offloaded afterwards (the manager evicts on demand)."""
-        _load_models(handles)
+        _load_models(handles, memory_required)
         yield tuple(h.module for h in handles)
 
     def release(self, *handles: PatcherHandle) -> None:  # nothing forced: load_models_gpu evicts on demand

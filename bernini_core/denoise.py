@@ -131,8 +131,18 @@ def denoise(
 
     boundary_t = experts.boundary * 1000.0
     total = len(scheduler.timesteps)
+    # The largest arm's sequence (all sources + target) sizes the activations the memory manager must make room for.
+    patch = 4  # (1, 2, 2) patches
+    target_tokens = sample[0, 0].numel() // patch
+    source_tokens = max((sum(lat[0, 0].numel() // patch for lat in latents) for latents, _ in combos.values()),
+                        default=0)
+    rows = max((ctx.shape[-2] for ctx in contexts.values()), default=512)
+
+    def load(handle: ModelHandle):
+        return handle.load(handle.module.working_memory(target_tokens + source_tokens, rows))
+
     current = experts.high
-    dit = current.load()
+    dit = load(current)
     switched = False
     try:
         for index, t in enumerate(scheduler.timesteps):
@@ -140,7 +150,7 @@ def denoise(
             if experts.low is not None and not switched and float(t) < boundary_t:
                 runtime.release(current)
                 current, switched = experts.low, True
-                dit = current.load()
+                dit = load(current)
                 omegas = omegas.scaled(omega_scale)
             context_inputs, stream_inputs = inputs_for(current, dit)
             target = sample.to(dit.compute_dtype)

@@ -301,7 +301,8 @@ def decode(vae: VAEModel, latent: dict, tiled: bool = False, tile_size: int = 25
     pipe = vae.pipeline
     model, device = pipe.components.vae, pipe.vae_handle.load_device  # honours --cpu-vae
     videos = []
-    with pipe.runtime.use(pipe.vae_handle), torch.inference_mode():
+    memory = model.working_memory(samples.shape[-2] * 8, samples.shape[-1] * 8, tiling)
+    with pipe.runtime.use(pipe.vae_handle, memory_required=memory), torch.inference_mode():
         for item in samples:
             video = model.decode_raw(item.unsqueeze(0).to(device, torch.float32), tiling=tiling)
             videos.append((video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu())

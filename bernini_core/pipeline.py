@@ -246,7 +246,9 @@ class RendererPipeline(BerniniPipeline):
 
     def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
         """Normalised latents → float32 frames [F,H,W,3] in 0..1 on the CPU."""
-        with self.runtime.use(self.vae_handle), torch.inference_mode():
+        vae = self.components.vae
+        memory = vae.working_memory(latents.shape[-2] * 8, latents.shape[-1] * 8, tiling)
+        with self.runtime.use(self.vae_handle, memory_required=memory), torch.inference_mode():
             video = self.components.vae.decode(latents.to(self.vae_handle.load_device, torch.float32), tiling=tiling)
         frames = (video[0].float() / 2 + 0.5).clamp(0, 1)
         return frames.permute(1, 2, 3, 0).contiguous().cpu()

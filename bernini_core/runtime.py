@@ -68,7 +68,9 @@ class ModelHandle:
     def size_bytes(self) -> int:
         return module_bytes(self.module)
 
-    def load(self) -> torch.nn.Module:
+    def load(self, memory_required: int = 0) -> torch.nn.Module:
+        """Put the module on its load device. `memory_required`: working memory (bytes) the caller will need
+        beside the weights; a memory manager (ComfyUI's) frees that much, the standalone policy ignores it."""
         self.module.to(self.load_device)
         return self.module
 
@@ -98,8 +100,9 @@ class Runtime:
         return ModelHandle(name, module, self.device, offload_device)
 
     @contextlib.contextmanager
-    def use(self, *handles: ModelHandle) -> Iterator[tuple[torch.nn.Module, ...]]:
-        """Load the handles' modules for one stage; offload them afterwards under the offload policy."""
+    def use(self, *handles: ModelHandle, memory_required: int = 0) -> Iterator[tuple[torch.nn.Module, ...]]:
+        """Load the handles' modules for one stage; offload them afterwards under the offload policy.
+        `memory_required`: the stage's working memory in bytes (see ModelHandle.load)."""
         modules = tuple(h.load() for h in handles)
         try:
             yield modules

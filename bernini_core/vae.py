@@ -340,6 +340,14 @@ class WanVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.compute_dtype or self.decoder.conv_out.weight.dtype
 
+    def working_memory(self, height_px: int, width_px: int, tiling=None) -> int:
+        """Bytes a chunked encode/decode of frames of this size needs beside the weights. ComfyUI budgets the
+        Wan 2.1 VAE at 7000 · (H/8) · (W/8) · 64 · dtype bytes (wan_qwen.md §2); tiling bounds H and W by a tile."""
+        if tiling is not None and tiling.applies_to(height_px, width_px):
+            height_px, width_px = min(height_px, tiling.tile_px), min(width_px, tiling.tile_px)
+        dtype_bytes = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
+        return 7000 * (height_px // 8) * (width_px // 8) * 64 * dtype_bytes
+
     # ---- (un)normalisation ------------------------------------------------------------------------
     def _latent_stats(self, ref: torch.Tensor):
         key = (ref.device, ref.dtype)

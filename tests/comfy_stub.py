@@ -32,6 +32,7 @@ class Recorder:
     patchers: list = field(default_factory=list)  # every ModelPatcher built
     loads: list = field(default_factory=list)  # one list of patchers per load_models_gpu call
     full_loads: list = field(default_factory=list)  # the force_full_load flag of each load_models_gpu call
+    memory: list = field(default_factory=list)  # the memory_required of each load_models_gpu call
     bars: list = field(default_factory=list)  # every ProgressBar built
     interrupt_checks: int = 0
     interrupt_at: Optional[int] = None  # raise on this (1-based) interrupt check
@@ -61,6 +62,7 @@ def build(models_dir) -> tuple[dict, Recorder]:
                         force_full_load=False):
         rec.loads.append(list(models))
         rec.full_loads.append(force_full_load)
+        rec.memory.append(memory_required)
         for patcher in models:
             patcher.model.to(patcher.load_device)
             patcher.model.device = patcher.load_device  # ModelPatcher.load records where the model went

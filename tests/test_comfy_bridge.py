@@ -147,6 +147,21 @@ def test_modules_without_comfy_layers_are_loaded_whole(comfy):
     assert comfy.rec.full_loads == [False, True, True, True]
 
 
+def test_stages_tell_the_memory_manager_their_working_memory(comfy, tiny_renderer_dir):
+    """load_models_gpu gets the activation budget (as ComfyUI's sampler and VAE pass it), not only the weights."""
+    from bernini_core.loaders import load_renderer
+    from bernini_core.pipeline import RendererPipeline
+
+    rt = comfy_bridge.ComfyRuntime()
+    pipe = RendererPipeline(load_renderer(tiny_renderer_dir, dtype=torch.bfloat16, ops=comfy_bridge.comfy_ops()), rt)
+    pipe("t2v", "a fox", num_frames=5, height=32, width=48, num_inference_steps=2)
+    budgets = {p.model.inner.__class__.__name__: m for load, m in zip(comfy.rec.loads, comfy.rec.memory) for p in load}
+    vae = pipe.components.vae
+    assert budgets["WanVAE"] == vae.working_memory(32, 48) == 7000 * 4 * 6 * 64 * 4
+    tokens = 2 * 2 * 3  # 2 latent frames x (4/2) x (6/2) patches, no sources in t2v
+    assert budgets["BerniniDiT"] == pipe.experts.high.module.working_memory(tokens, 512) > 0
+
+
 # ---------------------------------------------------------------------------------------------- progress
 def test_one_progress_bar_per_stage_run_and_the_preview_setting(comfy):
     rt = comfy_bridge.ComfyRuntime()

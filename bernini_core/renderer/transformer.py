@@ -260,6 +260,13 @@ class BerniniDiT(nn.Module):
     def compute_dtype(self, dtype: Optional[torch.dtype]) -> None:
         self._compute_dtype = dtype
 
+    def working_memory(self, tokens: int, context_rows: int = 512) -> int:
+        """Bytes of activations one forward over `tokens` video tokens needs beside the weights (an estimate for
+        the memory manager): hidden state, q/k/v, attention output, the FFN hidden (ffn/dim wide) and casts."""
+        cfg, dtype_bytes = self.config, torch.finfo(self.compute_dtype).bits // 8
+        per_token = cfg.inner_dim * (6 + 2 * cfg.ffn_dim / cfg.inner_dim) * dtype_bytes
+        return int(tokens * per_token + 4 * context_rows * cfg.inner_dim * dtype_bytes)
+
     # ------------------------------------------------------------------ forward
     def forward(self, streams: Sequence[torch.Tensor], source_ids: Sequence[float], timestep: torch.Tensor,
                 context: torch.Tensor, context_lens: Optional[Sequence[int]] = None) -> torch.Tensor:
