@@ -1,10 +1,12 @@
 """Session fixtures shared by the end-to-end tests: tiny checkpoints and small media files."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # test helpers (written_media, workflow_tools)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -5,26 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
-from PIL import Image
 
 from bernini_core.cli import main
+from written_media import probe
 
 SMALL = ["--num_frames", "5", "--height", "32", "--width", "32", "--max_image_size", "48",
          "--num_inference_steps", "2", "--device", "cpu"]
-
-
-def probe(path: Path):
-    """(frame count, height, width, fps) of a written file, decoded with PyAV / Pillow."""
-    if path.suffix == ".png":
-        with Image.open(path) as img:
-            return 1, img.height, img.width, None
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        return len(frames), frames[0].shape[0], frames[0].shape[1], float(stream.average_rate)
 
 
 def task_args(task, media_dir):
