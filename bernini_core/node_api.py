@@ -25,7 +25,7 @@ from .node_models import (  # re-exported: the nodes use node_api only
     TextEncoderModel, VAEModel, file_choices, load_planner, load_renderer, log, planner_choices, renderer_choices)
 from .sampling.guidance import RENDERER_MODES
 from .sampling.guidance_full import FULL_MODES
-from .tasks import RENDERER_NEGATIVE_KIND, TASK_NAMES, bernini_preset, get_task
+from .tasks import RENDERER_NEGATIVE_KIND, TASK_NAMES, SourceInputs, bernini_preset, check_sources, get_task
 
 __all__ = [
     "ATTENTION_CHOICES", "DOWNLOAD_CHOICES", "FULL_FAMILY", "GUIDANCE_CHOICES", "NONE", "OFFICIAL_FULL",
@@ -80,24 +80,17 @@ def _uint8_frames(image, input_name: str) -> np.ndarray:
     return media.to_uint8(_rgb_frames(image, input_name), f"Bernini Sources: {input_name}")
 
 
+NODE_INPUTS = SourceInputs("Bernini Sources: ", "source_video", "connect source_video (e.g. from GetVideoComponents)",
+                           "source_image", "connect source_image", "reference images",
+                           "connect reference_images (or reference_image_2..4)")
+
+
 def _check_source_inputs(task: str, has_video: bool, has_ref_video: bool, has_image: bool, n_refs: int) -> None:
-    """The task's source rules (tasks.TASKS, §6.3) in terms of the node's inputs."""
-    spec, where = get_task(task), f"Bernini Sources: task {task!r} ({get_task(task).description})"
-    if spec.video == "required" and not has_video:
-        raise BerniniError(f"{where} edits a video: connect source_video (e.g. from GetVideoComponents).")
-    if spec.video == "none" and (has_video or has_ref_video):
-        raise BerniniError(f"{where} takes no video: disconnect source_video/reference_video, or pick a video-editing "
-                           "task (v2v, mv2v, rv2v, ads2v) in Encode Bernini Prompt.")
+    """The task's source rules (tasks.check_sources) in terms of the node's inputs, plus the reference video."""
+    check_sources(get_task(task), n_videos=int(has_video), has_image=has_image, n_images=n_refs, inputs=NODE_INPUTS)
     if has_ref_video and task != "ads2v":
-        raise BerniniError(f"{where} takes no reference_video (only ads2v does): disconnect it or pick ads2v.")
-    if spec.image == "required" and not has_image:
-        raise BerniniError(f"{where} needs the image to edit: connect source_image.")
-    if spec.image == "none" and has_image:
-        raise BerniniError(f"{where} takes no source_image: disconnect it, or pick i2i (edit an image) or r2v.")
-    if spec.images == "required" and n_refs == 0 and not has_image:
-        raise BerniniError(f"{where} needs reference images: connect reference_images (or reference_image_2..4).")
-    if spec.images == "none" and n_refs:
-        raise BerniniError(f"{where} takes no reference images: disconnect them, or pick r2v / rv2v.")
+        raise BerniniError(f"Bernini Sources: task {task!r} takes no reference_video (only ads2v does): disconnect "
+                           "it or pick ads2v in Encode Bernini Prompt.")
 
 
 def _check_same_model(first, first_input: str, second, second_input: str, node: str) -> None:

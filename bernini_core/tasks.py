@@ -50,23 +50,41 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
-def check_sources(task: TaskSpec, *, n_videos: int, has_image: bool, n_images: int) -> None:
+@dataclass(frozen=True)
+class SourceInputs:
+    """How a caller names the source inputs in messages: the Python/CLI keywords, or the ComfyUI node's sockets."""
+
+    prefix: str
+    video: str
+    give_video: str
+    image: str
+    give_image: str
+    images: str
+    give_images: str
+
+
+PYTHON_INPUTS = SourceInputs("", "`video`", "pass `video` (--video)", "`image`", "pass `image` (--image)",
+                             "`images`", "pass `images` (--images)")
+
+
+def check_sources(task: TaskSpec, *, n_videos: int, has_image: bool, n_images: int,
+                  inputs: SourceInputs = PYTHON_INPUTS) -> None:
     """Reject source combinations the task cannot use, naming the input and the fix."""
+    where = f"{inputs.prefix}task {task.name!r} ({task.description})"
     if task.video == "required" and n_videos == 0:
-        raise BerniniError(f"task {task.name!r} ({task.description}) needs a source video: pass `video` (--video).")
+        raise BerniniError(f"{where} needs a source video: {inputs.give_video}.")
     if task.video == "none" and n_videos:
-        raise BerniniError(
-            f"task {task.name!r} takes no source video but `video` was given; "
-            f"use v2v/mv2v/rv2v/ads2v to edit a video, or drop the video."
-        )
+        raise BerniniError(f"{where} takes no source video but {inputs.video} was given; use v2v/mv2v/rv2v/ads2v to "
+                           "edit a video, or drop it.")
     if task.image == "required" and not has_image:
-        raise BerniniError(f"task {task.name!r} ({task.description}) needs the image to edit: pass `image` (--image).")
+        raise BerniniError(f"{where} needs the image to edit: {inputs.give_image}.")
     if task.image == "none" and has_image:
-        raise BerniniError(f"task {task.name!r} takes no source image but `image` was given; use i2i or r2v, or drop it.")
+        raise BerniniError(f"{where} takes no source image but {inputs.image} was given; use i2i or r2v, or drop it.")
     if task.images == "required" and n_images == 0 and not has_image:
-        raise BerniniError(f"task {task.name!r} ({task.description}) needs reference images: pass `images` (--images).")
+        raise BerniniError(f"{where} needs reference images: {inputs.give_images}.")
     if task.images == "none" and n_images:
-        raise BerniniError(f"task {task.name!r} takes no reference images but `images` was given; use r2v/rv2v, or drop them.")
+        raise BerniniError(f"{where} takes no reference images but {inputs.images} were given; use r2v/rv2v, or drop "
+                           "them.")
 
 
 # --- Bernini-R presets (§5.3; gradio_demo.py BASE_TASK_DEFAULTS + RENDERER_TASK_DEFAULTS) ---

@@ -456,13 +456,13 @@ def test_sources_refuse_inputs_the_task_cannot_use(pack, loaded, media):
         sources("R", "v2v")
     with pytest.raises(BerniniError, match="task 'ads2v' .*connect source_video"):
         sources("v2", "ads2v", reference_video=media.ref_video)
-    with pytest.raises(BerniniError, match="task 't2v' .*takes no video"):
+    with pytest.raises(BerniniError, match="task 't2v' .*takes no source video"):
         sources("R", "t2v", source_video=media.video)
     with pytest.raises(BerniniError, match="takes no reference_video"):
         sources("R", "v2v", source_video=media.video, reference_video=media.ref_video)
     with pytest.raises(BerniniError, match="task 'i2i' .*connect source_image"):
         sources("v1", "i2i")
-    with pytest.raises(BerniniError, match="task 't2i' .*takes no source_image"):
+    with pytest.raises(BerniniError, match="task 't2i' .*takes no source image"):
         sources("R", "t2i", source_image=media.ref0)
     with pytest.raises(BerniniError, match="task 'r2v' .*needs reference images"):
         sources("R", "r2v")
