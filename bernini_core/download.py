@@ -20,9 +20,12 @@ OFFICIAL_MODELS = {
     "Bernini-Diffusers": "ByteDance/Bernini-Diffusers",
     "Bernini-Diffusers-v2": "ByteDance/Bernini-Diffusers-v2",
     "Bernini-R-Diffusers": "ByteDance/Bernini-R-Diffusers",
+    # the single-expert renderer fine-tuned from Wan2.1-1.3B (spec §1, §2.3: its config's wan22_base)
+    "Bernini-R-1.3B-Diffusers": "ByteDance/Bernini-R-1.3B-Diffusers",
 }
 PARTS = ("all", "planner", "renderer")
-_RENDERER_ONLY = ("Bernini-R-Diffusers",)
+_RENDERER_ONLY = ("Bernini-R-Diffusers", "Bernini-R-1.3B-Diffusers")
+_SINGLE_EXPERT = ("Bernini-R-1.3B-Diffusers",)  # skip_transformer_2: no transformer_2/ folder
 
 # allow_patterns (fnmatch: "*" also matches "/"). The full models keep planner and both experts in the one
 # combined bernini/ checkpoint, so both parts need it. mllm/ (Qwen2.5-VL config, tokenizer, processor: a few
@@ -53,7 +56,7 @@ def files_needed(name: str, part: str = "all") -> List[str]:
         if part == "planner":
             raise BerniniError(f"{name} is a renderer-only model and has no planner; load the planner from "
                                f"Bernini-Diffusers or Bernini-Diffusers-v2.")
-        return list(_R_RENDERER)
+        return [p for p in _R_RENDERER if not (name in _SINGLE_EXPERT and p.startswith("transformer_2/"))]
     chosen = {"planner": _FULL_PLANNER, "renderer": _FULL_RENDERER}.get(part, _FULL_PLANNER + _FULL_RENDERER)
     return list(dict.fromkeys(chosen))  # union without repeats, order kept
 

@@ -23,8 +23,8 @@ log = logging.getLogger("bernini.nodes")
 
 FULL_FAMILY, RENDERER_FAMILY = "bernini", "bernini_renderer"
 OFFICIAL_FULL = ("Bernini-Diffusers", "Bernini-Diffusers-v2")
-OFFICIAL_R = "Bernini-R-Diffusers"
-OFFICIAL_RENDERERS = OFFICIAL_FULL + (OFFICIAL_R,)
+OFFICIAL_R = ("Bernini-R-Diffusers", "Bernini-R-1.3B-Diffusers")
+OFFICIAL_RENDERERS = OFFICIAL_FULL + OFFICIAL_R
 SINGLE_FILES, NONE = "single files", "none"
 DOWNLOAD_CHOICES = ("never", "if missing")
 PLANNER_DTYPES = ("bf16", "fp16", "fp32")
@@ -133,7 +133,7 @@ def _is_renderer_only(name: str) -> bool:
 
 def planner_choices() -> list[str]:
     """Full-Bernini folders only: Bernini-R folders hold no planner."""
-    found = [n for n in _listed("bernini") if n != OFFICIAL_R and not _is_renderer_only(n)]
+    found = [n for n in _listed("bernini") if n not in OFFICIAL_R and not _is_renderer_only(n)]
     return _unique([*OFFICIAL_FULL, *found])
 
 

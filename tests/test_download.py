@@ -20,9 +20,9 @@ from bernini_core.errors import BerniniError
 
 FULL = ("Bernini-Diffusers", "Bernini-Diffusers-v2")
 ALL_PARTS = [(name, part) for name in FULL for part in ("all", "planner", "renderer")] + \
-    [("Bernini-R-Diffusers", "all"), ("Bernini-R-Diffusers", "renderer")]
+    [(name, part) for name in ("Bernini-R-Diffusers", "Bernini-R-1.3B-Diffusers") for part in ("all", "renderer")]
 EXPECTED_LAYOUT = {"Bernini-Diffusers": Layout.BERNINI_FULL, "Bernini-Diffusers-v2": Layout.BERNINI_FULL,
-                   "Bernini-R-Diffusers": Layout.RENDERER_DIFFUSERS}
+                   "Bernini-R-Diffusers": Layout.RENDERER_DIFFUSERS, "Bernini-R-1.3B-Diffusers": Layout.RENDERER_DIFFUSERS}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -52,6 +52,7 @@ def repos(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("hub")
     made = {"Bernini-R-Diffusers": make_tiny_renderer(base / "Bernini-R-Diffusers"),
+            "Bernini-R-1.3B-Diffusers": make_tiny_renderer(base / "Bernini-R-1.3B-Diffusers", variant="1.3b"),
             "Bernini-Diffusers": make_tiny_bernini(base / "Bernini-Diffusers", version="v1"),
             "Bernini-Diffusers-v2": make_tiny_bernini(base / "Bernini-Diffusers-v2", version="v2")}
     for folder in made.values():
@@ -103,7 +104,8 @@ def test_files_needed_per_model_and_part():
     assert files_needed("Bernini-R-Diffusers", "all") == files_needed("Bernini-R-Diffusers", "renderer") == r
     for name in OFFICIAL_MODELS:  # no part pulls the planner-only or renderer-only folders of the other family
         joined = " ".join(files_needed(name, "all"))
-        assert ("t5_text_encoder" in joined) == (name in FULL) and ("transformer_2/*" in joined) == (name not in FULL)
+        two_experts = name not in FULL and "1.3B" not in name  # the 1.3B renderer has one expert (no transformer_2/)
+        assert ("t5_text_encoder" in joined) == (name in FULL) and ("transformer_2/*" in joined) == two_experts
 
 
 def test_files_needed_rejects_bad_requests():

@@ -349,7 +349,7 @@ def test_nodes_run_inside_comfyui(pack, pipes, tiny_renderer_dir, tmp_path, monk
     shutil.copytree(tiny_renderer_dir, tmp_path / "models" / "bernini" / "Bernini-R-Diffusers")
 
     assert pack.BerniniLoadRenderer.INPUT_TYPES()["required"]["model"][0] == [
-        "single files", "Bernini-Diffusers", "Bernini-Diffusers-v2", "Bernini-R-Diffusers"]
+        "single files", "Bernini-Diffusers", "Bernini-Diffusers-v2", "Bernini-R-Diffusers", "Bernini-R-1.3B-Diffusers"]
     renderer, text_encoder, vae = pack.BerniniLoadRenderer.load("Bernini-R-Diffusers", "bf16", "auto", "never")
     assert isinstance(renderer.pipeline.runtime, comfy_bridge.ComfyRuntime)
     models = SimpleNamespace(renderers={"R": (renderer, text_encoder, vae)})

@@ -167,7 +167,7 @@ def test_model_lists_outside_comfyui_hold_the_official_names_and_none(pack):
     assert planner == ["Bernini-Diffusers", "Bernini-Diffusers-v2"]
     renderer = pack.NODE_CLASS_MAPPINGS["BerniniLoadRenderer"].INPUT_TYPES()
     assert renderer["required"]["model"][0] == ["single files", "Bernini-Diffusers", "Bernini-Diffusers-v2",
-                                                "Bernini-R-Diffusers"]
+                                                "Bernini-R-Diffusers", "Bernini-R-1.3B-Diffusers"]
     for name in ("high_noise_model", "low_noise_model", "text_encoder", "vae"):
         assert renderer["optional"][name][0] == ["none"]
 
@@ -190,7 +190,8 @@ def test_model_lists_add_the_folders_and_files_comfyui_finds(pack, monkeypatch, 
     assert planner == ["Bernini-Diffusers", "Bernini-Diffusers-v2", "my-bernini"]  # Bernini-R holds no planner
     renderer = pack.NODE_CLASS_MAPPINGS["BerniniLoadRenderer"].INPUT_TYPES()
     assert renderer["required"]["model"][0] == ["single files", "Bernini-Diffusers", "Bernini-Diffusers-v2",
-                                                "Bernini-R-Diffusers", "my-bernini-r", "my-bernini"]
+                                                "Bernini-R-Diffusers", "Bernini-R-1.3B-Diffusers", "my-bernini-r",
+                                                "my-bernini"]
     assert renderer["optional"]["low_noise_model"][0] == ["none"] + listed["diffusion_models"]
     assert renderer["optional"]["text_encoder"][0] == ["none"] + listed["text_encoders"]
     assert renderer["optional"]["vae"][0] == ["none"] + listed["vae"]

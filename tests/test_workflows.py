@@ -45,7 +45,7 @@ CONTRACT_WIDGETS = {
 # Values the contract lists statically (the model combos also list whatever is found in models/bernini).
 STATIC_MODELS = {"BerniniLoadPlanner": {"Bernini-Diffusers", "Bernini-Diffusers-v2"},
                  "BerniniLoadRenderer": {"single files", "Bernini-Diffusers", "Bernini-Diffusers-v2",
-                                         "Bernini-R-Diffusers"}}
+                                         "Bernini-R-Diffusers", "Bernini-R-1.3B-Diffusers"}}
 
 
 @pytest.fixture(scope="module")
