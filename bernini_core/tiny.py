@@ -373,10 +373,13 @@ def write_tiny_tokenizer(folder: Path) -> None:
     })
 
 
-def _write_text_encoder_tokenizer_vae_scheduler(root: Path, seed: int) -> None:
-    _write_json(root / "text_encoder" / "config.json", TINY_UMT5)
-    _save(root / "text_encoder" / "model.safetensors", tiny_umt5_state_dict(TINY_UMT5, seed))
-    write_tiny_tokenizer(root / "tokenizer")
+def _write_text_encoder_tokenizer_vae_scheduler(root: Path, seed: int, *, text_encoder: str = "text_encoder",
+                                                tokenizer: str = "tokenizer") -> None:
+    """The UMT5 / tokenizer / VAE / scheduler folders every official layout has (the full layout names the
+    first two t5_text_encoder/ and t5_tokenizer/)."""
+    _write_json(root / text_encoder / "config.json", TINY_UMT5)
+    _save(root / text_encoder / "model.safetensors", tiny_umt5_state_dict(TINY_UMT5, seed))
+    write_tiny_tokenizer(root / tokenizer)
     _write_json(root / "vae" / "config.json", TINY_VAE)
     _save(root / "vae" / "diffusion_pytorch_model.safetensors", tiny_vae_state_dict(TINY_VAE, seed))
     _write_json(root / "scheduler" / "scheduler_config.json", TINY_SCHEDULER)

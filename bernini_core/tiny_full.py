@@ -22,8 +22,8 @@ from typing import Dict
 
 import torch
 
-from .tiny import (TINY_DIT, TINY_SCHEDULER, TINY_UMT5, TINY_VAE, Shapes, _save, _save_sharded, _write_json,
-                   tiny_dit_state_dict, tiny_umt5_state_dict, tiny_vae_state_dict, write_tiny_tokenizer)
+from .tiny import (TINY_DIT, TINY_UMT5, Shapes, _save_sharded, _write_json, _write_text_encoder_tokenizer_vae_scheduler,
+                   tiny_dit_state_dict, tiny_umt5_state_dict)
 
 V2_DIRNAME = "Bernini-Diffusers-v2"
 COMBINED_SHARDS = 3  # enough that modules straddle shard boundaries, as in the 38-shard release
@@ -251,12 +251,7 @@ def make_tiny_bernini(out_dir, *, version: str = "v1", seed: int = 0) -> Path:
     _write_json(root / "transformer_2_config.json", TINY_FULL_DIT)
     _save_sharded(root / "bernini", "model", tiny_full_state_dict(mllm_config, seed), num_shards=COMBINED_SHARDS)
 
-    _write_json(root / "t5_text_encoder" / "config.json", TINY_UMT5)
-    _save(root / "t5_text_encoder" / "model.safetensors", tiny_umt5_state_dict(TINY_UMT5, seed))
-    write_tiny_tokenizer(root / "t5_tokenizer")
-    _write_json(root / "vae" / "config.json", TINY_VAE)
-    _save(root / "vae" / "diffusion_pytorch_model.safetensors", tiny_vae_state_dict(TINY_VAE, seed))
-    _write_json(root / "scheduler" / "scheduler_config.json", TINY_SCHEDULER)
+    _write_text_encoder_tokenizer_vae_scheduler(root, seed, text_encoder="t5_text_encoder", tokenizer="t5_tokenizer")
     return root
 
 
