@@ -31,7 +31,7 @@ __all__ = [
     "ATTENTION_CHOICES", "DOWNLOAD_CHOICES", "FULL_FAMILY", "GUIDANCE_CHOICES", "NONE", "OFFICIAL_FULL",
     "OFFICIAL_RENDERERS", "PLANNER_DTYPES", "RENDERER_DTYPES", "RENDERER_FAMILY", "SINGLE_FILES", "TASKS",
     "Conditioning", "PlannerModel", "RendererModel", "SourcesBundle", "TextEncoderModel", "VAEModel", "decode",
-    "default_negative_prompt", "encode_prompt", "file_choices", "load_planner", "load_renderer", "plan",
+    "apg_settings", "default_negative_prompt", "encode_prompt", "file_choices", "load_planner", "load_renderer", "plan",
     "planner_choices", "prepare_sources", "renderer_choices", "sample"]
 
 TASKS = TASK_NAMES
@@ -225,10 +225,18 @@ def _guidance_mode(renderer: RendererModel, guidance_mode: str, preset: dict) ->
     return guidance_mode
 
 
+def apg_settings(eta: float = 0.5, momentum: float = 0.0, norm_threshold: float = 50.0) -> dict:
+    """The Bernini APG Settings node: the official --eta / --momentum / --norm_threshold (one value for every rung,
+    as the CLI's default 50 50 50)."""
+    if norm_threshold < 0:
+        raise BerniniError(f"Bernini APG Settings: norm_threshold {norm_threshold} must be ≥ 0 (0 = no cap).")
+    return {"eta": float(eta), "momentum": float(momentum), "norm_threshold": (float(norm_threshold),) * 3}
+
+
 def sample(renderer: RendererModel, conditioning: Conditioning, sources: SourcesBundle, guidance_mode: str = "auto",
            steps: int = 0, flow_shift: float = 0.0, omega_vid: float = -1.0, omega_img: float = -1.0,
            omega_txt: float = -1.0, omega_tgt: float = -1.0, omega_scale: float = -1.0, seed: int = 42,
-           expert_boundary: float = -1.0) -> dict:
+           expert_boundary: float = -1.0, apg: Optional[dict] = None) -> dict:
     """Guided denoising with the task preset overridden by every non-sentinel widget; returns ComfyUI's LATENT
     with RAW (un-normalised) Wan 2.1 latents [1,16,T,H/8,W/8] on the intermediate device."""
     _check_renderer_inputs(renderer, conditioning, sources)
@@ -248,6 +256,12 @@ def sample(renderer: RendererModel, conditioning: Conditioning, sources: Sources
                                                      ("omega_txt", omega_txt), ("omega_tgt", omega_tgt),
                                                      ("omega_scale", omega_scale))},
     }
+    if apg is not None:
+        if renderer.family == FULL_FAMILY:
+            raise BerniniError("Sample Bernini Video: the apg input applies to Bernini-R's *_apg modes; full Bernini's "
+                               "v2v_apg uses fixed settings (η 1, momentum 0, threshold 50) as the official does — "
+                               "disconnect Bernini APG Settings.")
+        overrides.update(apg)
     settings = pipe.resolve(task, overrides)
     pipe = _with_expert_boundary(pipe, expert_boundary)
     if renderer.family == FULL_FAMILY:

@@ -43,13 +43,43 @@ class BerniniSampleVideo:
             "expert_boundary": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.005,
                                           "tooltip": "Timestep fraction where the low-noise expert takes over; "
                                                      "-1 = the model's switch_dit_boundary (0.875)."}),
+        }, "optional": {
+            "apg": ("BERNINI_APG", {"tooltip": "Bernini-R *_apg modes: η, momentum and norm threshold from Bernini "
+                                               "APG Settings; unconnected = the preset (0.5, 0, 50)."}),
         }}
 
     def sample(self, renderer, conditioning, sources, guidance_mode, steps, flow_shift, omega_vid, omega_img,
-               omega_txt, omega_tgt, omega_scale, seed, expert_boundary):
+               omega_txt, omega_tgt, omega_scale, seed, expert_boundary, apg=None):
         return (node_api.sample(renderer, conditioning, sources, guidance_mode, steps, flow_shift, omega_vid,
-                                omega_img, omega_txt, omega_tgt, omega_scale, seed, expert_boundary),)
+                                omega_img, omega_txt, omega_tgt, omega_scale, seed, expert_boundary, apg=apg),)
 
 
-NODE_CLASS_MAPPINGS = {"BerniniSampleVideo": BerniniSampleVideo}
-NODE_DISPLAY_NAME_MAPPINGS = {"BerniniSampleVideo": "Sample Bernini Video"}
+class BerniniAPGSettings:
+    DESCRIPTION = ("Adaptive Projected Guidance settings for Bernini-R's r2v_apg, v2v_apg and t2v_apg modes (the "
+                   "official --eta, --momentum, --norm_threshold). Full Bernini's v2v_apg uses fixed settings, as "
+                   "the official does.")
+    CATEGORY = "Bernini/sampling"
+    FUNCTION = "settings"
+    RETURN_TYPES = ("BERNINI_APG",)
+    RETURN_NAMES = ("apg",)
+    OUTPUT_TOOLTIPS = ("Connect to Sample Bernini Video's apg input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "eta": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 2.0, "step": 0.05,
+                              "tooltip": "Weight of the guidance component parallel to the prediction (official 0.5)."}),
+            "momentum": ("FLOAT", {"default": 0.0, "min": -1.0, "max": 1.0, "step": 0.05,
+                                   "tooltip": "Running-average momentum of the guidance difference across steps "
+                                              "(official 0)."}),
+            "norm_threshold": ("FLOAT", {"default": 50.0, "min": 0.0, "max": 1000.0, "step": 1.0,
+                                         "tooltip": "Per-frame norm cap of the guidance difference; 0 = no cap "
+                                                    "(official 50)."}),
+        }}
+
+    def settings(self, eta, momentum, norm_threshold):
+        return (node_api.apg_settings(eta, momentum, norm_threshold),)
+
+
+NODE_CLASS_MAPPINGS = {"BerniniSampleVideo": BerniniSampleVideo, "BerniniAPGSettings": BerniniAPGSettings}
+NODE_DISPLAY_NAME_MAPPINGS = {"BerniniSampleVideo": "Sample Bernini Video", "BerniniAPGSettings": "Bernini APG Settings"}

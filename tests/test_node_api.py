@@ -491,3 +491,23 @@ def test_loaders_refuse_unknown_or_incomplete_choices(pack, comfy_models):
         chosen = dict(files, **{missing: "none"})
         with pytest.raises(BerniniError, match=f"'single files' needs {missing}"):
             pack.BerniniLoadRenderer.load("single files", "bf16", "auto", "never", **chosen)
+
+
+def test_apg_settings_reach_the_bernini_r_sampler_and_are_refused_by_full_bernini(pack, loaded, prepared):
+    """Bernini APG Settings = the pipeline called with the official --eta/--momentum/--norm_threshold."""
+    renderer = loaded.renderers["R"][0]
+    cond, sources = prepared["R"].cond, prepared["R"].sources
+    (apg,) = pack.BerniniAPGSettings.settings(0.2, -0.5, 10.0)
+    custom = pack.BerniniSampleVideo.sample(renderer, cond, sources, "auto", 2, 0.0, *OMEGAS_AT_PRESET, SEED, -1.0,
+                                            apg=apg)[0]["samples"]
+    preset = sample_call(pack, renderer, cond, sources)[0]["samples"]
+    reference = renderer.pipeline("t2v", PROMPT, num_frames=5, height=32, width=32, max_image_size=48,
+                                  num_inference_steps=2, seed=SEED, eta=0.2, momentum=-0.5,
+                                  norm_threshold=(10.0, 10.0, 10.0))
+    assert torch.equal(custom.cpu(), reference.latents) and not torch.equal(custom, preset)
+    full = prepared["v2"]
+    with pytest.raises(BerniniError, match="fixed settings"):
+        pack.BerniniSampleVideo.sample(loaded.renderers["v2"][0], full.planned, full.sources, "auto", 2, 0.0,
+                                       *OMEGAS_AT_PRESET, SEED, -1.0, apg=apg)
+    with pytest.raises(BerniniError, match="norm_threshold"):
+        pack.BerniniAPGSettings.settings(0.5, 0.0, -1.0)

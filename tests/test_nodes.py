@@ -18,7 +18,7 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF
 PLANNER_SEED_MAX = 0xFFFFFFFF  # numpy seeds (the planner) take 32 bits
 
 CUSTOM_TYPES = {"BERNINI_PLANNER", "BERNINI_RENDERER", "BERNINI_TEXT_ENCODER", "BERNINI_VAE", "BERNINI_CONDITIONING",
-                "BERNINI_SOURCES"}
+                "BERNINI_SOURCES", "BERNINI_APG"}
 COMFY_TYPES = {"IMAGE", "LATENT", "INT", "FLOAT", "STRING", "BOOLEAN"}
 TASKS = ["t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v"]
 MODES = ["auto", "rv2v", "v2v", "v2v_chain", "t2v", "r2v_apg", "v2v_apg", "t2v_apg", "vae_txt_vit_wapg", "vae_txt_vit",
@@ -71,7 +71,11 @@ CONTRACT = {
         ("omega_vid",) + OMEGA, ("omega_img",) + OMEGA, ("omega_txt",) + OMEGA, ("omega_tgt",) + OMEGA,
         ("omega_scale", "FLOAT", -1.0, -1.0, 4.0, 0.05), ("seed", "INT", 42, 0, SEED_MAX, None),
         ("expert_boundary", "FLOAT", -1.0, -1.0, 1.0, 0.005),
-    ], [], [("LATENT", "samples")]),
+    ], [("apg", "BERNINI_APG", None)], [("LATENT", "samples")]),
+    "BerniniAPGSettings": ("Bernini APG Settings", "Bernini/sampling", [
+        ("eta", "FLOAT", 0.5, 0.0, 2.0, 0.05), ("momentum", "FLOAT", 0.0, -1.0, 1.0, 0.05),
+        ("norm_threshold", "FLOAT", 50.0, 0.0, 1000.0, 1.0),
+    ], [], [("BERNINI_APG", "apg")]),
     "BerniniDecodeVAE": ("Decode Bernini VAE", "Bernini/latent", [
         ("vae", "BERNINI_VAE", None), ("samples", "LATENT", None), ("tiled", "BOOLEAN", False),
         ("tile_size", "INT", 256, 64, 2048, 16), ("tile_overlap", "INT", 64, 0, 1024, 16),
@@ -100,7 +104,7 @@ def _type_of(spec) -> str:
     return "COMBO" if isinstance(spec[0], list) else spec[0]
 
 
-def test_registers_exactly_the_seven_contract_nodes(pack):
+def test_registers_exactly_the_contract_nodes(pack):
     assert set(pack.NODE_CLASS_MAPPINGS) == set(CONTRACT)
     assert pack.NODE_DISPLAY_NAME_MAPPINGS == {k: v[0] for k, v in CONTRACT.items()}
     for key, cls in pack.NODE_CLASS_MAPPINGS.items():
