@@ -1,4 +1,4 @@
-"""ComfyUI node classes (V1 interface): the seven Bernini nodes, merged from one module per stage.
+"""ComfyUI node classes (V1 interface): the seven stage nodes and Bernini APG Settings, one module per stage.
 
 Node modules declare inputs only; the work lives in bernini_core.node_api. Nothing here imports ComfyUI.
 """
