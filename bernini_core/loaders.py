@@ -212,6 +212,20 @@ def load_renderer(
     return _with_text_encoder_and_vae(config, dit_high, dit_low, path, dtype, ops)
 
 
+def check_scheduler_config(folder: Path) -> None:
+    """Warn when a release's scheduler/scheduler_config.json is not the stock flow UniPC this engine implements
+    (the official code would sample with whatever the file says; flow_shift is always the call's)."""
+    from .sampling.schedulers import unsupported_scheduler_fields
+
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return
+    odd = unsupported_scheduler_fields(read_json(path))
+    if odd:
+        log.warning("%s differs from the stock Wan2.2 UniPC flow scheduler this engine implements (%s); results may "
+                    "differ from the official pipeline.", path, "; ".join(odd))
+
+
 def _load_expert_dir(folder: Path, dtype, attention, ops) -> BerniniDiT:
     config = DiTConfig.from_dict(read_json(folder / "config.json"))
     return build_dit(config, TensorSource.open(folder), dtype=dtype, attention=attention, ops=ops, origin=str(folder))
@@ -247,6 +261,7 @@ def _load_split(path: Path, high: Path, low: Path, dtype, attention, overrides, 
 
 def _with_text_encoder_and_vae(config, dit_high, dit_low, folder: Path, dtype, ops) -> RendererComponents:
     """Complete the experts with UMT5 (`text_encoder/` + `tokenizer/`) and the VAE (`vae/`) of `folder`."""
+    check_scheduler_config(folder)
     return RendererComponents(
         config=config,
         dit_high=dit_high,

@@ -548,6 +548,10 @@ def load_full(path, *, dtype: torch.dtype = torch.bfloat16, attention: str = "au
         raise BerniniError(f"UMT5 d_model ({d_model}) of '{paths.t5_encoder}' differs from config.json "
                            f"connector_cfg.out_dim_for_gen ({config.gen_dim}); T5 and planner contexts are "
                            f"concatenated, so they must match.")
+    if with_renderer:
+        from .loaders import check_scheduler_config
+
+        check_scheduler_config(paths.scheduler.parent if paths.scheduler.name == "scheduler" else path)
     sources = split_combined_checkpoint(paths.checkpoint)
     origin = str(paths.checkpoint)
     log.info("loading full Bernini %s from %s (%s)", config.version, path, config.version_source)

@@ -186,3 +186,25 @@ def test_make_scheduler_and_errors():
         FlowUniPCScheduler().set_timesteps(0)
     with pytest.raises(BerniniError, match="flow_shift"):
         FlowEulerScheduler(shift=0)
+
+
+def test_scheduler_config_check_accepts_the_stock_file_and_names_what_differs(tmp_path, caplog):
+    import json
+    import logging
+
+    from bernini_core.loaders import load_renderer
+    from bernini_core.sampling.schedulers import unsupported_scheduler_fields
+    from bernini_core.tiny import TINY_SCHEDULER, make_tiny_renderer
+
+    assert unsupported_scheduler_fields(TINY_SCHEDULER) == []
+    odd = dict(TINY_SCHEDULER, solver_order=3, prediction_type="epsilon")
+    assert unsupported_scheduler_fields(odd) == ["solver_order: 3 (supported: 2)",
+                                                 "prediction_type: 'epsilon' (supported: 'flow_prediction')"]
+    root = make_tiny_renderer(tmp_path / "r")
+    with caplog.at_level(logging.WARNING, logger="bernini.loaders"):
+        load_renderer(root, dtype=torch.float32)
+    assert "stock Wan2.2 UniPC" not in caplog.text
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(odd))
+    with caplog.at_level(logging.WARNING, logger="bernini.loaders"):
+        load_renderer(root, dtype=torch.float32)
+    assert "stock Wan2.2 UniPC" in caplog.text and "solver_order: 3" in caplog.text

@@ -288,3 +288,29 @@ class FlowEulerScheduler(_StepCounter):
 def make_scheduler(use_unipc: bool, shift: float):
     """The official choice (``--use_unipc``, default on) with the given flow shift."""
     return FlowUniPCScheduler(shift=shift) if use_unipc else FlowEulerScheduler(shift=shift)
+
+
+# The UniPC configuration this module implements (the stock Wan2.2 -Diffusers scheduler_config.json, what the
+# official code loads and only overrides flow_shift of, §4.6). A release whose file differs would be sampled
+# differently by the official code, so loaders check it.
+STOCK_UNIPC_CONFIG = {
+    "solver_order": 2,
+    "solver_type": "bh2",
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "predict_x0": True,
+    "lower_order_final": True,
+    "final_sigmas_type": "zero",
+    "num_train_timesteps": 1000,
+    "thresholding": False,
+    "disable_corrector": [],
+}
+
+
+def unsupported_scheduler_fields(config: dict) -> list[str]:
+    """`field: found (supported: value)` for every field of a scheduler_config.json that the flow UniPC here does
+    not implement; empty for the stock Wan2.2 file. Fields the file leaves out take diffusers' defaults, which
+    are the stock values except for the flow settings, so only fields present are compared."""
+    return [f"{key}: {config[key]!r} (supported: {value!r})" for key, value in STOCK_UNIPC_CONFIG.items()
+            if key in config and config[key] != value]
+
