@@ -1,6 +1,6 @@
 """`python -m bernini_core generate ...`: the official CLI's flags and case files (spec/bernini.md §5.4, §6.2).
 
-Differences from the official scripts, all additive:
+Differences from the official scripts, all additive (`--inputs` batches work as in the official CLI):
 * every generation flag defaults to the task's preset (§5.3) instead of one global value, so
   `--task_type t2v` alone reproduces the official per-task settings;
 * `--config tiny` (Bernini-R 14B layout), `tiny-1.3b`, `tiny-full` (Bernini-Diffusers v1) or `tiny-full-v2`
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = gen.add_argument_group("input")
     g.add_argument("--case", default=None, help="JSON case file (keys: %s)" % ", ".join(CASE_KEYS))
+    g.add_argument("--inputs", default=None, help="batch: a JSON list or JSONL file of case objects, run with one "
+                   "model load (outputs default to <output>_NNN)")
     g.add_argument("--prompt", default=None, help="text prompt / editing instruction")
     g.add_argument("--task_type", default="v2v", choices=TASK_NAMES, help="task (drives presets and system prompt)")
     g.add_argument("--video", nargs="+", default=None, help="source video path(s) (ads2v: source, then reference)")
@@ -162,15 +164,52 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def run_generate(args: argparse.Namespace) -> Path:
-    from .pipeline import BerniniPipeline
-
+def load_tasks(args: argparse.Namespace) -> list[dict]:
+    """The runs to make: one from the flags (or --case), or every entry of an --inputs JSON list / JSONL file
+    (official `load_tasks`; entry keys as in case files, task_type defaulting to --task_type)."""
+    if args.inputs:
+        if args.case:
+            raise BerniniError("--case (one example) and --inputs (a batch) cannot be combined.")
+        path = Path(args.inputs)
+        try:
+            text = path.read_text(encoding="utf-8")
+            entries = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"
+                       else json.loads(text))
+        except FileNotFoundError:
+            raise BerniniError(f"--inputs file {str(path)!r} does not exist.") from None
+        except json.JSONDecodeError as exc:
+            raise BerniniError(f"--inputs file {str(path)!r} is not valid JSON ({exc}).") from None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("prompt") for e in entries):
+            raise BerniniError(f"--inputs file {str(path)!r} must hold a list of objects that each set 'prompt'.")
+        base = path.parent
+        for index, entry in enumerate(entries):
+            unknown = sorted(set(entry) - set(CASE_KEYS))
+            if unknown:
+                raise BerniniError(f"--inputs entry {index} has unsupported keys {unknown}; allowed: {list(CASE_KEYS)}.")
+            for key in ("video", "images"):
+                if entry.get(key) is not None:
+                    value = [entry[key]] if isinstance(entry[key], str) else list(entry[key])
+                    entry[key] = [_relative_to(base, v) for v in value]
+            if entry.get("image") is not None:
+                entry["image"] = _relative_to(base, entry["image"])
+            entry.setdefault("output", str(Path(args.output).with_name(f"{Path(args.output).stem}_{index:03d}"
+                                                                      f"{Path(args.output).suffix}")))
+        return entries
     apply_case_file(args)
     if not args.prompt:
-        raise BerniniError("provide --prompt (or a --case file that sets 'prompt').")
+        raise BerniniError("provide --prompt (or a --case file that sets 'prompt', or --inputs for a batch).")
+    return [{"prompt": args.prompt, "task_type": args.task_type, "video": args.video, "image": args.image,
+             "images": args.images, "output": args.output, "guidance_mode": args.guidance_mode}]
+
+
+def run_generate(args: argparse.Namespace) -> list[Path]:
+    from .pipeline import BerniniPipeline
+
+    tasks = load_tasks(args)
+    written = []
     with tempfile.TemporaryDirectory(prefix="bernini-tiny-") as tmp:
         config = resolve_config(args.config, Path(tmp))
-        pipe = BerniniPipeline.from_pretrained(
+        pipe = BerniniPipeline.from_pretrained(  # loaded once for every run of the batch
             config,
             high_noise_ckpt=args.high_noise_ckpt,
             low_noise_ckpt=args.low_noise_ckpt,
@@ -183,21 +222,27 @@ def run_generate(args: argparse.Namespace) -> Path:
             interpolate_src_id=args.interpolate_src_id,
             max_trained_src_id=args.max_trained_src_id,
         )
-        video = args.video
-        if isinstance(video, list) and len(video) == 1:
-            video = video[0]
-        out = pipe(
-            task=args.task_type,
-            prompt=args.prompt,
-            video=video,
-            image=args.image,
-            images=args.images,
-            output_path=args.output,
-            **generation_kwargs(args),
-        )
-    log.info("saved %s (%d frames, %dx%d)", out.output_path, out.frames.shape[0], out.frames.shape[2], out.frames.shape[1])
-    print(out.output_path)
-    return Path(out.output_path)
+        for task in tasks:
+            video = task.get("video")
+            if isinstance(video, list) and len(video) == 1:
+                video = video[0]
+            kwargs = generation_kwargs(args)
+            if task.get("guidance_mode"):
+                kwargs["guidance_mode"] = task["guidance_mode"]
+            out = pipe(
+                task=task.get("task_type") or args.task_type,
+                prompt=task["prompt"],
+                video=video,
+                image=task.get("image"),
+                images=task.get("images"),
+                output_path=task.get("output") or args.output,
+                **kwargs,
+            )
+            log.info("saved %s (%d frames, %dx%d)", out.output_path, out.frames.shape[0], out.frames.shape[2],
+                     out.frames.shape[1])
+            print(out.output_path)
+            written.append(Path(out.output_path))
+    return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -83,3 +83,36 @@ def test_wrong_config_directory(tmp_path, capsys):
     (tmp_path / "junk" / "notes.txt").write_text("hello")
     assert main(["generate", "--config", str(tmp_path / "junk"), "--prompt", "a fox", "--task_type", "t2v"]) == 2
     assert "junk" in capsys.readouterr().err
+
+
+def test_inputs_batch_runs_every_entry_with_one_model_load(tiny_renderer_dir, media_dir, tmp_path, capsys,
+                                                           monkeypatch):
+    from bernini_core.pipeline import BerniniPipeline
+
+    loads = []
+    original = BerniniPipeline.from_pretrained.__func__
+    monkeypatch.setattr(BerniniPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)))
+    (tmp_path / "clip.mp4").write_bytes((media_dir / "source.mp4").read_bytes())
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("\n".join(json.dumps(e) for e in (
+        {"task_type": "t2v", "prompt": "a fox", "output": str(tmp_path / "a.mp4")},
+        {"task_type": "v2v", "prompt": "make it snow", "video": "clip.mp4", "guidance_mode": "v2v"},
+    )) + "\n")
+    assert main(["generate", "--config", str(tiny_renderer_dir), "--inputs", str(batch),
+                 "--output", str(tmp_path / "out.mp4"), *SMALL]) == 0
+    written = [Path(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert written == [tmp_path / "a.mp4", tmp_path / "out_001.mp4"] and len(loads) == 1
+    assert probe(written[0])[:3] == (5, 32, 32) and probe(written[1])[:3] == (5, 32, 48)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('[{"task_type": "t2v"}]', "set 'prompt'"),
+    ('[{"prompt": "x", "seed": 3}]', "unsupported keys"),
+    ("not json", "not valid JSON"),
+])
+def test_inputs_batch_errors(tiny_renderer_dir, tmp_path, capsys, content, fragment):
+    batch = tmp_path / "batch.json"
+    batch.write_text(content)
+    assert main(["generate", "--config", str(tiny_renderer_dir), "--inputs", str(batch), *SMALL]) == 2
+    assert fragment in capsys.readouterr().err
