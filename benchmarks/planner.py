@@ -5,17 +5,17 @@
     python benchmarks/planner.py --config /models/Bernini-Diffusers-v2 --task v2v --video clip.mp4
 
 Stages (wall clock, `torch.cuda.synchronize` around each on a GPU): sources (VAE encode + the Qwen ViT tower),
-UMT5, planning (MaskGIT, spec/bernini.md §3.5), rendering (the dual-expert DiT), decode. Each MLLM forward is
+UMT5, planning (MaskGIT, docs/official_behaviour.md §3.5), rendering (the dual-expert DiT), decode. Each MLLM forward is
 timed by wrapping `PlannerModel.hidden` (3 per planning step that reveals tokens — steps revealing nothing run
-no forward, §11.2 — plus 2 final ones, §3.5), the ViT-decoder sampling by wrapping `ViTDecoder.sample`, and
-each planning step by `plan_semantics(on_step=...)`.
+no forward, docs/official_behaviour.md §7.2 — plus 2 final ones, §3.5), the ViT-decoder sampling by wrapping
+`ViTDecoder.sample`, and each planning step by `plan_semantics(on_step=...)`.
 
 FLOPs of one MLLM forward (L tokens of one branch): per decoder layer run, q/k/v/o projections and the SwiGLU
 MLP cost 2L(2·D·H·d + 2·D·K·d + 3·D·F) and attention over the full L×L square (an additive mask, no causal
 skipping) 4L²·H·d (D hidden, H / K query / key-value heads of width d, F MLP width, multiply-add = 2 FLOPs).
-`PlannerModel.hidden` stops at the input of the last layer (hidden_states[-2], §3.1), so num_layers − 1
-layers run and no LM head. With all 28 layers, and the embedding and LM head counted as matmuls too, it is the
-"2 · 7.6e9 FLOP per token" (twice every parameter) of Qwen2.5-VL-7B prefill in spec/wan_qwen.md §5.1.
+`PlannerModel.hidden` stops at the input of the last layer (hidden_states[-2], docs/official_behaviour.md §3.1), so
+num_layers − 1 layers run and no LM head. With all 28 layers, and the embedding and LM head counted as matmuls too, it
+is the "2 · 7.6e9 FLOP per token" (twice every parameter) of Qwen2.5-VL-7B prefill in docs/wan_qwen.md §5.1.
 
 Without --config the weights are random and tiny: the run proves the instrumentation, its shares say nothing
 about the real model. Model loading is timed but left out of the shares. On a CPU shared with other work, run
@@ -48,7 +48,7 @@ from bernini_core.tasks import TASK_NAMES, get_task  # noqa: E402
 # Dense bf16 tensor-core peaks (vendor datasheets), TFLOP/s — the same table as benchmarks/renderer.py.
 GPU_PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.2, "RTX 5090": 209.5}
 
-# Qwen2.5-VL-7B text model (mllm/config.json of Bernini-Diffusers; spec/wan_qwen.md §4).
+# Qwen2.5-VL-7B text model (mllm/config.json of Bernini-Diffusers; docs/wan_qwen.md §4).
 QWEN25_VL_7B_TEXT = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
                      "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064}
 
@@ -216,7 +216,8 @@ def run(pipe: FullPipeline, probe: Probe, task: str, prompt: str, sources_in: di
 # ---------------------------------------------------------------------------------------------- summary
 def planning_steps(m: Measurements) -> tuple[list, int]:
     """Seconds of each planning step that ran forwards — from its first forward to its on_step, so step 1 leaves
-    out the branch tokenisation before it — and the number of steps that revealed nothing (no forward, §11.2)."""
+    out the branch tokenisation before it — and the number of steps that revealed nothing (no forward,
+    docs/official_behaviour.md §7.2)."""
     seconds, skipped, done = [], 0, 0
     for end, count in m.step_ends:
         if count == done:
@@ -343,7 +344,8 @@ def main(argv=None) -> dict:
     p.add_argument("--attention", default="auto")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
                    help="one big module on the GPU at a time (needed for 7B + 2 x 14B on 80 GB); moves are timed")
-    p.add_argument("--planning_step", type=int, default=None, help="default: the task preset (§5.1, §5.2)")
+    p.add_argument("--planning_step", type=int, default=None,
+                   help="default: the task preset (docs/official_behaviour.md §5.1, §5.2)")
     p.add_argument("--vit_denoising_step", type=int, default=None)
     p.add_argument("--num_inference_steps", type=int, default=None)
     p.add_argument("--frames", type=int, default=None)
@@ -365,7 +367,9 @@ def main(argv=None) -> dict:
             name = "Bernini-Diffusers-v2" if args.tiny_version == "v2" else "Bernini-Diffusers"
             config = make_tiny_bernini(Path(tmp) / name, version=args.tiny_version, seed=0)
             tiny = dict(TINY_DEFAULTS)
-            if args.video:  # a real clip fixes the size (height = width = 0 in the video-editing presets, §4.8)
+            # a real clip fixes the size (height = width = 0 in the video-editing presets,
+            # docs/official_behaviour.md §4.8)
+            if args.video:
                 tiny.pop("height"), tiny.pop("width")
             overrides = {k: tiny.get(k) if v is None else v for k, v in overrides.items()}
         probe.sync()

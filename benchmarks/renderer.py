@@ -3,7 +3,7 @@
     python benchmarks/renderer.py                                   # tiny config on CPU
     python benchmarks/renderer.py --config a14b --height 480 --width 832 --frames 81 --device cuda --sources 1
 
-The FLOP count of one forward follows spec/wan_qwen.md §5.1 (per block, L video tokens, T text rows,
+The FLOP count of one forward follows docs/wan_qwen.md §5.1 (per block, L video tokens, T text rows,
 D model dim, F FFN dim, multiply-add = 2 FLOPs): linear 2L(6D² + 2DF) + 4TD², self-attention 4L²D,
 cross-attention 4LTD, times the number of blocks. A denoising step runs one forward per guidance arm
 (`--arms`: 2 for v2v_apg/t2v_apg, 3 for r2v_apg, 4 for rv2v). Weights are random: speed does not depend on them.

@@ -1,9 +1,9 @@
 """Reading checkpoints: lazy safetensors sources, layout detection, shard-by-shard loading.
 
 Nothing here unpickles: ``.bin``/``.pt``/``.pth``/``.ckpt`` files are refused with a
-message (design.md §6). Loading never holds two full copies of a model: tensors
+message (docs/architecture.md §7). Loading never holds two full copies of a model: tensors
 are read one shard at a time, cast, and assigned into a module that may live on
-the meta device (design.md §5).
+the meta device (docs/architecture.md §5).
 """
 
 import enum
@@ -19,7 +19,8 @@ from .keymaps.wan_dit import is_diffusers_dit_keys, is_original_wan_keys
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_SUFFIX = ".safetensors.index.json"
 
-# The official prefix search for split renderer checkpoints, in order (spec §2.3, OFF: bernini/weights.py).
+# The official prefix search for split renderer checkpoints, in order (official `bernini/weights.py`,
+# docs/official_behaviour.md §2.3).
 HIGH_NOISE_PREFIXES = ("diff_dec.transformer.", "transformer.", "")
 LOW_NOISE_PREFIXES = ("diff_dec.transformer_2.", "transformer_2.", "")
 EMA_PREFIX = "ema."
@@ -246,7 +247,8 @@ class TensorSource:
 
 
 def find_prefix(keys: Iterable[str], candidates: Sequence[str]) -> str:
-    """First candidate that selects at least one key (``ema.`` copies count), the official order of §2.3."""
+    """First candidate that selects at least one key (``ema.`` copies count), the official order of
+    docs/official_behaviour.md §2.3."""
     keys = list(keys)
     for prefix in candidates:
         if _select(keys, prefix, prefer_ema=True):
@@ -255,7 +257,8 @@ def find_prefix(keys: Iterable[str], candidates: Sequence[str]) -> str:
 
 
 def split_checkpoint_source(path, which: str) -> TensorSource:
-    """The high- or low-noise expert of an official split Bernini-R checkpoint (spec §2.3), bare diffusers keys.
+    """The high- or low-noise expert of an official split Bernini-R checkpoint (docs/official_behaviour.md §2.3), bare
+    diffusers keys.
 
     ``path`` may be the expert's folder, its index or file, or the release folder
     holding ``bernini_renderer_high/`` and ``bernini_renderer_low/``.

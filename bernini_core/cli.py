@@ -1,104 +1,203 @@
-"""`python -m bernini_core generate ...`: the official CLI's flags and case files (spec/bernini.md §5.4, §6.2).
+"""`bernini generate ...` / `python -m bernini_core generate ...`: the official CLI's flags and case files
+(docs/official_behaviour.md §5.4, §6.2).
 
 Differences from the official scripts, all additive (`--inputs` batches work as in the official CLI):
-* every generation flag defaults to the task's preset (§5.3) instead of one global value, so
-  `--task_type t2v` alone reproduces the official per-task settings;
+* every generation flag defaults to the task's preset (docs/official_behaviour.md §5.1–§5.3) instead of one
+  global value, so `--task_type t2v` alone reproduces the official per-task settings;
 * `--config tiny` (Bernini-R 14B layout), `tiny-1.3b`, `tiny-full` (Bernini-Diffusers v1) or `tiny-full-v2`
   runs on a tiny random checkpoint written on the fly in the official layout: it proves the whole
   pipeline runs; its output is noise;
-* `--device`, `--dtype`, `--attention`, `--video_fps`, `--no-offload`.
+* `--device`, `--dtype`, `--attention`, `--video_fps`, `--no-offload`, `--vae_tile_px`;
+* every input that can be checked without the model (files, output path, task/source/mode combinations,
+  numbers, device, attention backend) is checked before the model loads, for every run of a batch;
+  a flag the chosen model ignores is named in one warning line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from .errors import BerniniError
-from .tasks import TASK_NAMES
+from .tasks import TASK_NAMES, get_task
 
 log = logging.getLogger("bernini.cli")
 
+# How the program names itself: the `bernini` console script calls main() as is; `python -m bernini_core`
+# (__main__.py) passes its own name.
+PROG = "bernini"
+MODULE_PROG = "python -m bernini_core"
+
 # Keys a case file may set (official assets/testcases/README.md; cli.py CASE_KEYS).
 CASE_KEYS = ("task_type", "guidance_mode", "prompt", "video", "image", "images", "output")
-# --config tiny*: a tiny random checkpoint written on the fly in the official layout (output is noise by design).
-TINY_CONFIGS = {"tiny": ("renderer", "14b"), "tiny-1.3b": ("renderer", "1.3b"),
-                "tiny-full": ("full", "v1"), "tiny-full-v2": ("full", "v2")}
+# --config tiny*: a tiny random checkpoint written on the fly in the official layout (output is noise by design):
+# (family, variant, the official folder name of that layout; the loaders tell the layout from the files, not the name).
+TINY_CONFIGS = {"tiny": ("renderer", "14b", "Bernini-R-Diffusers"),
+                "tiny-1.3b": ("renderer", "1.3b", "Bernini-R-1.3B-Diffusers"),
+                "tiny-full": ("full", "v1", "Bernini-Diffusers"),
+                "tiny-full-v2": ("full", "v2", "Bernini-Diffusers-v2")}
 
-# Flags forwarded to the pipeline call under the same name; None means "use the task preset".
+# The closed sets the engine accepts, spelled out here so `--help` needs no torch import
+# (tests/test_cli.py checks them against sampling.guidance(_full), runtime.DTYPES and renderer.attention.BACKENDS).
+RENDERER_GUIDANCE_MODES = ("rv2v", "v2v", "v2v_chain", "t2v", "r2v_apg", "v2v_apg", "t2v_apg")
+FULL_GUIDANCE_MODES = ("vae_txt_vit_wapg", "vae_txt_vit", "rv2v_wapg", "v2v_apg")
+GUIDANCE_MODES = RENDERER_GUIDANCE_MODES + tuple(m for m in FULL_GUIDANCE_MODES if m not in RENDERER_GUIDANCE_MODES)
+DTYPE_CHOICES = ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+ATTENTION_CHOICES = ("auto", "sdpa", "flash", "sage")
+
+PRESET = "default: the task's official preset"
+# Flags forwarded to the pipeline call under the same name (None = "use the task preset"), with their help.
 GENERATION_FLAGS = (
-    ("neg_prompt", str),
-    ("system_prompt", str),
-    ("num_frames", int),
-    ("max_image_size", int),
-    ("height", int),
-    ("width", int),
-    ("num_inference_steps", int),
-    ("guidance_mode", str),
-    ("omega_vid", float),
-    ("omega_img", float),
-    ("omega_txt", float),
-    ("omega_tgt", float),
-    ("omega_scale", float),
-    ("planning_step", int),
-    ("vit_txt_cfg", float),
-    ("vit_img_cfg", float),
-    ("vit_denoising_step", int),
-    ("flow_shift", float),
-    ("seed", int),
-    ("fps", int),
-    ("video_fps", float),
-    ("eta", float),
-    ("momentum", float),
-    ("vae_tile_px", int),
-    ("vae_tile_overlap_px", int),
+    ("neg_prompt", str, "negative prompt (default: the task's official one: the Chinese Wan2.2 negative prompt "
+                        "for Bernini-R, the release's per-task one for full Bernini)"),
+    ("system_prompt", str, "system prompt put before the prompt for UMT5 (default: the task's official one)"),
+    ("num_frames", int, "frames to generate, of the form 4n+1 (others are rounded down, with a warning); with a "
+                        f"source video, the most frames taken from it ({PRESET}, e.g. 81 for t2v; t2i and i2i "
+                        "always render 1)"),
+    ("max_image_size", int, "long-edge limit of source videos and images in pixels, at least 16 "
+                            f"({PRESET}, e.g. 848; 842 for full-Bernini t2v)"),
+    ("height", int, "output height in pixels, a multiple of 16 (Bernini-R rounds others to the nearest with a "
+                    "warning, full Bernini refuses them); Bernini-R takes the size of the source video or i2i image "
+                    f"instead; full Bernini: 0 = the source video's size ({PRESET}, e.g. 480 for t2v)"),
+    ("width", int, f"output width in pixels, as --height ({PRESET}, e.g. 848 for t2v)"),
+    ("num_inference_steps", int, f"renderer denoising steps, at least 1 ({PRESET}, e.g. 40 for Bernini-R, 50 for "
+                                 "full-Bernini t2v)"),
+    ("guidance_mode", str, "guidance mode; Bernini-R: " + ", ".join(RENDERER_GUIDANCE_MODES) + "; full Bernini: "
+                           + ", ".join(FULL_GUIDANCE_MODES) + f" ({PRESET}, e.g. t2v_apg for Bernini-R t2v, "
+                           "vae_txt_vit_wapg for full Bernini)"),
+    ("omega_vid", float, f"guidance weight of the source-video term ({PRESET}, e.g. 1.25 for Bernini-R)"),
+    ("omega_img", float, f"guidance weight of the source-image term ({PRESET}, e.g. 4.5 for Bernini-R)"),
+    ("omega_txt", float, f"guidance weight of the text term ({PRESET}, e.g. 4.0 for Bernini-R)"),
+    ("omega_tgt", float, f"full Bernini: guidance weight of the planned-target term ({PRESET}, e.g. 0.5 for v1 "
+                         "t2v; Bernini-R ignores it)"),
+    ("omega_scale", float, f"factor on the omegas from the switch to the low-noise expert on ({PRESET}, e.g. 0.8 "
+                           "for Bernini-R)"),
+    ("planning_step", int, f"full Bernini: MaskGIT planning steps, at least 1 ({PRESET}: 25 for v1, 50 for v2 "
+                           "video tasks; Bernini-R ignores it)"),
+    ("vit_txt_cfg", float, "full Bernini: the planner's text guidance (default: 1.2, the official; Bernini-R "
+                           "ignores it)"),
+    ("vit_img_cfg", float, "full Bernini: the planner's image guidance (default: 1.0, the official; Bernini-R "
+                           "ignores it)"),
+    ("vit_denoising_step", int, f"full Bernini: ViT-decoder steps per planning step, at least 1 ({PRESET}: 5 for "
+                                "v1, 1 for v2 video tasks; Bernini-R ignores it)"),
+    ("flow_shift", float, "flow-matching timestep shift, above 0 (default: 5.0, the official)"),
+    ("seed", int, "random seed (default: 42, the official; full Bernini takes 0..4294967295)"),
+    ("fps", int, "frame rate the source videos are resampled to and the output is written at "
+                 "(default: 16, the official)"),
+    ("video_fps", float, "frame rate of in-memory source frames (Python API); video files carry their own, so the "
+                         "CLI ignores it (default: none)"),
+    ("eta", float, "Bernini-R APG modes: weight of the parallel component (default: 0.5, the official; full "
+                   "Bernini ignores it)"),
+    ("momentum", float, "Bernini-R APG modes: momentum (default: 0.0, the official; full Bernini ignores it)"),
+    ("vae_tile_px", int, "tiled VAE to bound memory at 720p and beyond: tile size in pixels, a multiple of 8 and "
+                         "at least 16, e.g. 256 (default: 0 = off, as the official; tiling changes the result "
+                         "slightly)"),
+    ("vae_tile_overlap_px", int, "tiled VAE: tile overlap in pixels, a multiple of 8 below --vae_tile_px "
+                                 "(default: 64)"),
 )
+# Flags the chosen model does not read: one warning each when given (family -> flag -> why).
+IGNORED_FLAGS = {
+    "renderer": {
+        "planning_step": "Bernini-R has no planner (a full-Bernini setting)",
+        "vit_denoising_step": "Bernini-R has no planner (a full-Bernini setting)",
+        "vit_txt_cfg": "Bernini-R has no planner (a full-Bernini setting)",
+        "vit_img_cfg": "Bernini-R has no planner (a full-Bernini setting)",
+        "omega_tgt": "Bernini-R guidance has no planned-target term (a full-Bernini setting)",
+    },
+    "full": {
+        "eta": "full Bernini's APG uses the official fixed settings (eta 1.0, momentum 0, norm threshold 50)",
+        "momentum": "full Bernini's APG uses the official fixed settings (eta 1.0, momentum 0, norm threshold 50)",
+        "norm_threshold": "full Bernini's APG uses the official fixed settings (eta 1.0, momentum 0, "
+                          "norm threshold 50)",
+    },
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bernini_core", description="Bernini / Bernini-R inference.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate one image or video")
+def _examples(prog: str) -> str:
+    return f"""examples:
+  # any machine: a tiny random checkpoint (its output is noise; it proves every stage runs)
+  {prog} generate --config tiny --task_type t2v --prompt "a red fox" --num_frames 9 \\
+      --height 64 --width 64 --num_inference_steps 4 --output outputs/tiny_t2v.mp4
+
+  # edit a video with full Bernini v2 (every other setting: the task's official preset)
+  {prog} generate --config pretrained_models/Bernini-Diffusers-v2 --task_type v2v \\
+      --video input.mp4 --prompt "Make it snow" --output outputs/v2v.mp4
+
+  # a batch with one model load: batch.jsonl holds one case per line, e.g.
+  #   {{"task_type": "v2v", "prompt": "Make it snow", "video": "input.mp4"}}
+  # (outputs without an "output" key go to outputs/batch_000.mp4, _001, ...)
+  {prog} generate --config pretrained_models/Bernini-R-Diffusers --inputs batch.jsonl --output outputs/batch.mp4
+"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog=prog, description="Bernini / Bernini-R inference.",
+                                     epilog=_examples(prog), formatter_class=formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    gen = sub.add_parser("generate", help="generate one image or video (or a batch)", epilog=_examples(prog),
+                         description="Generate one image or video, or a batch of them, with one model load.",
+                         formatter_class=formatter)
 
     g = gen.add_argument_group("model")
-    g.add_argument("--config", required=True, help="model directory (Bernini-Diffusers, Bernini-Diffusers-v2, "
-                   "Bernini-R-Diffusers, a Wan2.2 base dir with --high/--low_noise_ckpt), or a tiny random checkpoint: "
-                   + ", ".join(TINY_CONFIGS))
-    g.add_argument("--high_noise_ckpt", default=None, help="high-noise expert checkpoint (split Bernini-R release)")
-    g.add_argument("--low_noise_ckpt", default=None, help="low-noise expert checkpoint (split Bernini-R release)")
+    g.add_argument("--config", required=True, help="model folder (Bernini-Diffusers, Bernini-Diffusers-v2, "
+                   "Bernini-R-Diffusers, Bernini-R-1.3B-Diffusers, a Wan2.2 base folder with "
+                   "--high/--low_noise_ckpt), or a tiny random checkpoint: " + ", ".join(TINY_CONFIGS)
+                   + " (required)")
+    g.add_argument("--high_noise_ckpt", default=None, help="high-noise expert checkpoint of the split Bernini-R "
+                   "release (default: none, the experts come from --config)")
+    g.add_argument("--low_noise_ckpt", default=None, help="low-noise expert checkpoint of the split Bernini-R "
+                   "release (default: none, the experts come from --config)")
     g.add_argument("--use_unipc", action=argparse.BooleanOptionalAction, default=True,
-                   help="UniPC scheduler (default on; --no-use_unipc = Euler flow fallback)")
+                   help="UniPC scheduler; --no-use_unipc = the Euler flow fallback (default: on, the official)")
     g.add_argument("--use_src_tgt_id", action=argparse.BooleanOptionalAction, default=True,
-                   help="source-id rotary embeddings (SA-3D RoPE), default on")
+                   help="Bernini-R: source-id rotary embeddings (SA-3D RoPE); full Bernini always uses them "
+                   "(default: on, the official)")
     g.add_argument("--interpolate_src_id", action=argparse.BooleanOptionalAction, default=True,
-                   help="spread source ids over [1, max_trained_src_id] when there are more sources")
-    g.add_argument("--max_trained_src_id", type=int, default=5)
-    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default)")
-    g.add_argument("--dtype", default="bf16", help="weight dtype of the DiT and UMT5: bf16 (official), fp16, fp32")
-    g.add_argument("--attention", default="auto", help="attention backend: auto, sdpa, flash, sage")
+                   help="spread source ids over [1, max_trained_src_id] when there are more sources "
+                   "(default: on, the official)")
+    g.add_argument("--max_trained_src_id", type=int, default=5,
+                   help="the highest source id seen in training (default: %(default)s, the official)")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto = cuda when available, else cpu "
+                   "(default: %(default)s)")
+    g.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES,
+                   help="weight dtype of the DiT, UMT5 and planner; the VAE stays fp32 (default: %(default)s, "
+                   "the official)")
+    g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="attention kernel of the DiT: auto = FlashAttention on CUDA when installed, else sdpa; "
+                   "sage (quantised) only when asked (default: %(default)s)")
     g.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep only the running model on the GPU (default on)")
+                   help="keep only the running model on the GPU (default: on)")
 
     g = gen.add_argument_group("input")
-    g.add_argument("--case", default=None, help="JSON case file (keys: %s)" % ", ".join(CASE_KEYS))
+    g.add_argument("--case", default=None, help="JSON case file (keys: %s; default: none)" % ", ".join(CASE_KEYS))
     g.add_argument("--inputs", default=None, help="batch: a JSON list or JSONL file of case objects, run with one "
-                   "model load (outputs default to <output>_NNN)")
-    g.add_argument("--prompt", default=None, help="text prompt / editing instruction")
-    g.add_argument("--task_type", default="v2v", choices=TASK_NAMES, help="task (drives presets and system prompt)")
-    g.add_argument("--video", nargs="+", default=None, help="source video path(s) (ads2v: source, then reference)")
-    g.add_argument("--image", default=None, help="the image to edit (i2i)")
-    g.add_argument("--images", nargs="+", default=None, help="reference image path(s)")
-    g.add_argument("--output", default="outputs/output.mp4", help="output file (.png for one frame, else .mp4)")
+                   "model load; entries without 'output' write <output>_NNN (default: none)")
+    g.add_argument("--prompt", default=None, help="text prompt / editing instruction (default: none; required "
+                   "unless --case or --inputs sets it)")
+    g.add_argument("--task_type", default="v2v", choices=TASK_NAMES,
+                   help="task; drives the presets and the system prompt (default: %(default)s)")
+    g.add_argument("--video", nargs="+", default=None, help="source video file(s); ads2v: the source, then the "
+                   "reference (default: none)")
+    g.add_argument("--image", default=None, help="the image to edit (i2i); r2v and rv2v take it as one more "
+                   "reference image (default: none)")
+    g.add_argument("--images", nargs="+", default=None, help="reference image file(s) (default: none)")
+    g.add_argument("--output", default="outputs/output.mp4", help="output file: one frame is written as an "
+                   "image (.png unless another image type is named), several as H.264 .mp4 (default: %(default)s)")
 
-    g = gen.add_argument_group("generation (default: the task preset)")
-    for name, kind in GENERATION_FLAGS:
-        g.add_argument(f"--{name}", type=kind, default=None)
-    g.add_argument("--norm_threshold", type=float, nargs="+", default=None)
+    g = gen.add_argument_group("generation (default: the task's official preset)")
+    for name, kind, text in GENERATION_FLAGS:
+        choices = GUIDANCE_MODES if name == "guidance_mode" else None
+        g.add_argument(f"--{name}", type=kind, default=None, choices=choices, help=text)
+    g.add_argument("--norm_threshold", type=float, nargs="+", default=None,
+                   help="Bernini-R APG modes: norm threshold per guidance term (default: 50 50 50, the official; "
+                   "full Bernini ignores it)")
     return parser
 
 
@@ -120,6 +219,7 @@ def apply_case_file(args: argparse.Namespace) -> None:
         raise BerniniError(f"--case file {str(path)!r} has unsupported keys {unknown}; allowed: {list(CASE_KEYS)}.")
     if not case.get("prompt"):
         raise BerniniError(f"--case file {str(path)!r} must set 'prompt'.")
+    _check_case_types(case, f"--case file {str(path)!r}")
     base = path.parent
     for key, value in case.items():
         if key in ("video", "images") and value is not None:
@@ -128,6 +228,17 @@ def apply_case_file(args: argparse.Namespace) -> None:
         elif key == "image" and value is not None:
             value = _relative_to(base, value)
         setattr(args, key, value)
+
+
+def _check_case_types(case: dict, where: str) -> None:
+    """Case-file / batch-entry values: text, and for video / images one path or a list of paths."""
+    for key, value in case.items():
+        if value is None:
+            continue
+        many = key in ("video", "images") and isinstance(value, list) and value
+        if not (isinstance(value, str) or (many and all(isinstance(v, str) for v in value))):
+            kind = "a path or a list of paths" if key in ("video", "images") else "a path" if key == "image" else "text"
+            raise BerniniError(f"{where}: '{key}' must be {kind}, got {json.dumps(value)}.")
 
 
 def _relative_to(base: Path, value: str) -> str:
@@ -142,23 +253,23 @@ def _relative_to(base: Path, value: str) -> str:
 def resolve_config(config: str, workdir: Optional[Path]) -> str:
     if config in TINY_CONFIGS:
         assert workdir is not None
-        family, variant = TINY_CONFIGS[config]
+        family, variant, folder = TINY_CONFIGS[config]
         if family == "renderer":
             from .tiny import make_tiny_renderer
 
-            path = make_tiny_renderer(workdir / "Bernini-R-Diffusers", variant=variant, seed=0)
+            path = make_tiny_renderer(workdir / folder, variant=variant, seed=0)
         else:
             from .tiny_full import make_tiny_bernini
 
-            name = "Bernini-Diffusers-v2" if variant == "v2" else "Bernini-Diffusers"
-            path = make_tiny_bernini(workdir / name, version=variant, seed=0)
-        log.info("tiny random %s checkpoint written to %s (its output is noise by design)", config, path)
+            path = make_tiny_bernini(workdir / folder, version=variant, seed=0)
+        log.info("--config %s: tiny random checkpoint in the %s layout written to %s (its output is noise by "
+                 "design)", config, folder, path)
         return str(path)
     return config
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {name: getattr(args, name) for name, _ in GENERATION_FLAGS if getattr(args, name) is not None}
+    kwargs = {name: getattr(args, name) for name, _, _ in GENERATION_FLAGS if getattr(args, name) is not None}
     if args.norm_threshold is not None:
         kwargs["norm_threshold"] = tuple(args.norm_threshold)
     return kwargs
@@ -186,6 +297,7 @@ def load_tasks(args: argparse.Namespace) -> list[dict]:
             unknown = sorted(set(entry) - set(CASE_KEYS))
             if unknown:
                 raise BerniniError(f"--inputs entry {index} has unsupported keys {unknown}; allowed: {list(CASE_KEYS)}.")
+            _check_case_types(entry, f"--inputs entry {index}")
             for key in ("video", "images"):
                 if entry.get(key) is not None:
                     value = [entry[key]] if isinstance(entry[key], str) else list(entry[key])
@@ -202,26 +314,188 @@ def load_tasks(args: argparse.Namespace) -> list[dict]:
              "images": args.images, "output": args.output, "guidance_mode": args.guidance_mode}]
 
 
-def run_generate(args: argparse.Namespace) -> list[Path]:
+# ------------------------------------------------------------------------------------------ checks before loading
+def model_family(args: argparse.Namespace) -> tuple[str, Optional[str]]:
+    """("renderer" | "full", full-Bernini release or None) of --config, from its config.json and folder listing
+    only: the same choice `BerniniPipeline.from_pretrained` makes, without reading weights."""
+    if args.config in TINY_CONFIGS:
+        family, variant, _ = TINY_CONFIGS[args.config]
+        return family, (variant if family == "full" else None)
     from .pipeline import BerniniPipeline
 
+    pipeline_class = BerniniPipeline.pipeline_class(args.config, high_noise_ckpt=args.high_noise_ckpt,
+                                                    low_noise_ckpt=args.low_noise_ckpt)
+    if pipeline_class.family != "bernini":
+        return "renderer", None
+    from .checkpoints import read_json
+    from .loaders_full import detect_version
+
+    return "full", detect_version(args.config, read_json(Path(args.config) / "config.json"))[0]
+
+
+def check_runs(args: argparse.Namespace, runs: list[dict], family: str, version: Optional[str]) -> None:
+    """Everything that can be checked without the model, for every run, before the model loads: the device and
+    attention backend, each run's task, files, sources, guidance mode, numbers and output path. Flags the model
+    ignores get one warning line each."""
+    from .renderer.attention import check_backend
+    from .runtime import resolve_device
+
+    resolve_device(args.device)
+    check_backend(args.attention)
+    for name, why in IGNORED_FLAGS[family].items():
+        if getattr(args, name) is not None:
+            log.warning("--%s is ignored: %s.", name, why)
+    if family == "full" and not args.use_src_tgt_id:
+        log.warning("--no-use_src_tgt_id is ignored: full Bernini always uses source-id RoPE (the official "
+                    "pipeline hard-codes it).")
+    if args.video_fps is not None:
+        log.warning("--video_fps is ignored: video files carry their own frame rate (video_fps is for in-memory "
+                    "frames in the Python API).")
+    for index, run in enumerate(runs):
+        prefix = f"--inputs entry {index}: " if args.inputs else ""
+        try:
+            _check_run(args, run, family, version, prefix)
+        except BerniniError as exc:
+            raise BerniniError(prefix + str(exc)) from None
+
+
+def _as_list(value) -> list:
+    return [] if value is None else ([value] if isinstance(value, str) else list(value))
+
+
+def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str) -> None:
+    from . import media
+    from .denoise import check_scheduler
+    from .pipeline import vae_tiling
+    from .tasks import bernini_preset, check_sources, renderer_preset, resolve_settings
+
+    task = run.get("task_type") or args.task_type
+    spec = get_task(task)
+    videos, image, refs = _as_list(run.get("video")), run.get("image"), _as_list(run.get("images"))
+
+    # files (a case file's or batch's relative paths are read from its folder or the working directory)
+    for key, paths in (("video", videos), ("image", _as_list(image)), ("images", refs)):
+        for path in paths:
+            if not Path(path).is_file():
+                state = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+                where = ""
+                if (args.case or args.inputs) and not Path(path).is_absolute():
+                    where = (f" (looked for beside the {'case' if args.case else '--inputs'} file and in the working "
+                             "directory)")
+                raise BerniniError(f"--{key} file {str(path)!r} {state}{where}; check the path.")
+
+    # sources: r2v/rv2v take a single --image as a reference (gradio routing, docs/official_behaviour.md §6.3);
+    # full Bernini's i2i edits one image
+    has_image = image is not None
+    if task in ("r2v", "rv2v") and has_image:
+        refs, has_image = [image] + refs, False
+    check_sources(spec, n_videos=len(videos), has_image=has_image, n_images=len(refs))
+    if family == "full" and task == "i2i" and refs:
+        raise BerniniError("full Bernini i2i edits one image: pass --image without reference --images.")
+
+    # the settings the pipeline will use: the task preset, then the flags, then the entry's guidance_mode
+    overrides = generation_kwargs(args)
+    if run.get("guidance_mode"):
+        overrides["guidance_mode"] = run["guidance_mode"]
+    preset = renderer_preset(task) if family == "renderer" else bernini_preset(task, version)
+    settings = resolve_settings(preset, overrides)
+
+    mode = settings["guidance_mode"]
+    if family == "renderer":
+        from .sampling.guidance import RendererGuidance as Guidance
+    else:
+        from .sampling.guidance_full import FullGuidance as Guidance
+    check_scheduler(Guidance(mode), mode, args.use_unipc)
+
+    def need(ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise BerniniError(f"--{name} {settings[name]}: {rule}.")
+
+    need(settings["num_frames"] >= 1, "num_frames", "must be at least 1 (the form 4n+1, e.g. 81)")
+    need(settings["num_inference_steps"] >= 1, "num_inference_steps", "must be at least 1")
+    need(settings["fps"] > 0, "fps", "must be positive (the official 16)")
+    need(settings["flow_shift"] > 0, "flow_shift", "must be positive (the official 5.0)")
+    need(settings["max_image_size"] >= 16, "max_image_size", "must be at least 16 (the official 848)")
+    if family == "full":
+        need(settings["planning_step"] >= 1, "planning_step", "must be at least 1")
+        need(settings["vit_denoising_step"] >= 1, "vit_denoising_step", "must be at least 1")
+        need(0 <= settings["seed"] <= 2**32 - 1, "seed", "full Bernini's planner seeds numpy, which takes "
+             "0..4294967295")
+    else:
+        need(-2**63 <= settings["seed"] <= 2**64 - 1, "seed", "torch takes -2**63..2**64-1")
+    vae_tiling(settings)
+
+    # size: Bernini-R takes it from the first source video or the image to edit; full Bernini from a source
+    # video when height/width are 0 (docs/official_behaviour.md §4.8)
+    height, width = int(settings["height"] or 0), int(settings["width"] or 0)
+    if family == "renderer":
+        sized_by = "the source video" if videos else "the image to edit" if has_image else None
+    else:
+        sized_by = "the source video" if videos and not spec.single_frame else None
+    if height < 0 or width < 0 or (sized_by is None and (height <= 0 or width <= 0)):
+        raise BerniniError(f"height/width must be positive when no source fixes the size, got {height}x{width}; "
+                           "pass --height and --width (multiples of 16).")
+    if family == "full" and (height % 16 or width % 16):
+        raise BerniniError(f"full Bernini needs height/width in multiples of 16, got {height}x{width}; pass e.g. "
+                           f"--height {max(16, round(height / 16) * 16)} --width {max(16, round(width / 16) * 16)}.")
+    if family == "renderer" and sized_by and (args.height is not None or args.width is not None):
+        log.warning("%s--height/--width are ignored: Bernini-R takes the output size from %s (the official rule).",
+                    prefix, sized_by)
+    if spec.single_frame and args.num_frames is not None and args.num_frames != 1:
+        log.warning("%s--num_frames %d is ignored: %s renders one frame.", prefix, args.num_frames, task)
+
+    # output: writable, and a container that can hold the result
+    output = run.get("output") or args.output
+    media.check_output_path(output)
+    if not spec.single_frame and Path(output).suffix.lower() == ".webm":  # media.save_output refuses it too
+        raise BerniniError(f"output {str(output)!r}: WebM cannot hold H.264 video; use a .mp4 path.")
+
+
+@contextlib.contextmanager
+def transformers_progress_bars_off() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Loading checkpoint shards") off for our loads, and
+    back to what they were after: no process-wide setting is left behind, and Hugging Face Hub's bars (downloads)
+    are not touched."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    if not hasattr(hf_logging, "_tqdm_active"):  # another transformers layout: leave its bars alone
+        yield
+        return
+    previous = hf_logging.is_progress_bar_enabled()
+    hf_logging._tqdm_active = False  # what disable_progress_bar() sets, without also switching off the Hub's bars
+    try:
+        yield
+    finally:
+        hf_logging._tqdm_active = previous
+
+
+def run_generate(args: argparse.Namespace) -> list[Path]:
     tasks = load_tasks(args)
+    family, version = model_family(args)
+    check_runs(args, tasks, family, version)  # before the model loads: a typo costs nothing
+
+    from .pipeline import BerniniPipeline
+
     written = []
     with tempfile.TemporaryDirectory(prefix="bernini-tiny-") as tmp:
         config = resolve_config(args.config, Path(tmp))
-        pipe = BerniniPipeline.from_pretrained(  # loaded once for every run of the batch
-            config,
-            high_noise_ckpt=args.high_noise_ckpt,
-            low_noise_ckpt=args.low_noise_ckpt,
-            device=args.device,
-            dtype=args.dtype,
-            attention=args.attention,
-            offload=args.offload,
-            use_unipc=args.use_unipc,
-            use_src_id_rotary_emb=args.use_src_tgt_id,
-            interpolate_src_id=args.interpolate_src_id,
-            max_trained_src_id=args.max_trained_src_id,
-        )
+        with transformers_progress_bars_off():
+            pipe = BerniniPipeline.from_pretrained(  # loaded once for every run of the batch
+                config,
+                high_noise_ckpt=args.high_noise_ckpt,
+                low_noise_ckpt=args.low_noise_ckpt,
+                device=args.device,
+                dtype=args.dtype,
+                attention=args.attention,
+                offload=args.offload,
+                use_unipc=args.use_unipc,
+                use_src_id_rotary_emb=args.use_src_tgt_id,
+                interpolate_src_id=args.interpolate_src_id,
+                max_trained_src_id=args.max_trained_src_id,
+            )
         for task in tasks:
             video = task.get("video")
             if isinstance(video, list) and len(video) == 1:
@@ -238,16 +512,18 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                 output_path=task.get("output") or args.output,
                 **kwargs,
             )
-            log.info("saved %s (%d frames, %dx%d)", out.output_path, out.frames.shape[0], out.frames.shape[2],
-                     out.frames.shape[1])
+            count = out.frames.shape[0]
+            log.info("saved %s (%d frame%s, %dx%d)", out.output_path, count, "" if count == 1 else "s",
+                     out.frames.shape[2], out.frames.shape[1])
             print(out.output_path)
             written.append(Path(out.output_path))
     return written
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+    """The `bernini` console script (prog "bernini"); `python -m bernini_core` passes its own prog."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         if args.command == "generate":
             run_generate(args)

@@ -1,8 +1,8 @@
-"""The one module that talks to ComfyUI (design.md §2, §5; spec/comfyui.md §2): handles are (Core)ModelPatchers
-loaded with ``load_models_gpu`` so ComfyUI's memory manager evicts our models like its own; progress goes to
-``comfy.utils.ProgressBar`` with Latent2RGB previews; interrupts come from ComfyUI; layers from ``comfy.ops`` so
-``--lowvram`` can stream weights; model folders from ``folder_paths``. ComfyUI is imported inside functions
-only: without it the package imports and every function here falls back to the standalone behaviour.
+"""The one module that talks to ComfyUI (docs/architecture.md §1, §5; docs/node_contract.md §6): handles are
+(Core)ModelPatchers loaded with ``load_models_gpu`` so ComfyUI's memory manager evicts our models like its own; progress
+goes to ``comfy.utils.ProgressBar`` with Latent2RGB previews; interrupts come from ComfyUI; layers from ``comfy.ops`` so
+``--lowvram`` can stream weights; model folders from ``folder_paths``. ComfyUI is imported inside functions only:
+without it the package imports and every function here falls back to the standalone behaviour.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class ComfyRuntime(Runtime):
             return existing
         import comfy.model_patcher as model_patcher
 
-        # CoreModelPatcher is ModelPatcherDynamic where ComfyUI's dynamic VRAM is on (spec/comfyui.md §2).
+        # CoreModelPatcher is ModelPatcherDynamic where ComfyUI's dynamic VRAM is on (docs/node_contract.md §6).
         patcher_class = getattr(model_patcher, "CoreModelPatcher", model_patcher.ModelPatcher)
         patcher = patcher_class(_PatcherModel(module), load_device=load_device, offload_device=offload_device,
                                 size=module_bytes(module))

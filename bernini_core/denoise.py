@@ -1,11 +1,11 @@
 """The Bernini-R denoising loop: dual experts, in-context source streams, guidance, scheduler.
 
-Mirrors `GEN_Wanx22.sample` of the official renderer (spec/bernini.md §4.2–§4.7, §11.1):
+Mirrors `GEN_Wanx22.sample` of the official renderer (docs/official_behaviour.md §4.2–§4.7, §7.1):
 * initial noise from a CPU generator seeded with `seed`, float32, shape [1,16,T,H/8,W/8];
 * the high-noise expert while t ≥ boundary·1000, the low-noise one after; at the first
   low-noise step omega_vid/img/txt are multiplied once by `omega_scale` and the idle
   expert is offloaded;
-* source combos (§4.3): V = the first video only (sid 1); I = the images with their own ids
+* source combos (docs/official_behaviour.md §4.3): V = the first video only (sid 1); I = the images with their own ids
   from 1; VI = videos then images on one id axis; ids interpolate to linspace(1, 5, n) when
   there are more than `max_trained_src_id` sources (full Bernini builds its own combos and
   contexts and reuses the same loop, `denoise`);
@@ -33,12 +33,12 @@ VAE_STRIDE_T, VAE_STRIDE_S = 4, 8
 
 
 def force_4n_plus_1(num_frames: int) -> int:
-    """The official frame rule: num_frames // 4 * 4 + 1 (§4.8)."""
+    """The official frame rule: num_frames // 4 * 4 + 1 (docs/official_behaviour.md §4.8)."""
     return max(int(num_frames) // VAE_STRIDE_T * VAE_STRIDE_T + 1, 1)
 
 
 def initial_noise(seed: int, num_frames: int, height: int, width: int) -> torch.Tensor:
-    """The official initial noise (§11.1 item 4): CPU generator, float32, [1,16,T,H/8,W/8]."""
+    """The official initial noise (docs/official_behaviour.md §7.1 item 4): CPU generator, float32, [1,16,T,H/8,W/8]."""
     shape = (1, LATENT_CHANNELS, (num_frames - 1) // VAE_STRIDE_T + 1, height // VAE_STRIDE_S, width // VAE_STRIDE_S)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
@@ -49,8 +49,8 @@ Combos = dict[str, tuple[list, list]]
 
 
 def renderer_combos(sources: Sources, *, use_source_ids: bool, max_trained: int, interpolate: bool) -> Combos:
-    """Bernini-R combos (§4.3): V = the first video only; I = the images with their own ids from 1;
-    VI = videos then images on one id axis."""
+    """Bernini-R combos (docs/official_behaviour.md §4.3): V = the first video only; I = the images with their own ids
+    from 1; VI = videos then images on one id axis."""
 
     def ids(n: int) -> list[float]:
         if not use_source_ids:

@@ -2,8 +2,8 @@
 
 Each model and part (planner, renderer, or both) needs only some folders of its repository; the full
 Bernini repositories are ~170-190 GB, mostly the one combined ``bernini/`` checkpoint that planner and
-renderer share (spec bernini.md §2.1, §2.2), while Bernini-R is a Wan2.2 -Diffusers style folder (§2.3).
-Nothing here touches the network unless ``allow_download`` is true (design.md §6); huggingface_hub is
+renderer share (docs/official_behaviour.md §2.1, §2.2), while Bernini-R is a Wan2.2 -Diffusers style folder (§2.3).
+Nothing here touches the network unless ``allow_download`` is true (docs/architecture.md §7); huggingface_hub is
 imported only then.
 """
 
@@ -20,7 +20,8 @@ OFFICIAL_MODELS = {
     "Bernini-Diffusers": "ByteDance/Bernini-Diffusers",
     "Bernini-Diffusers-v2": "ByteDance/Bernini-Diffusers-v2",
     "Bernini-R-Diffusers": "ByteDance/Bernini-R-Diffusers",
-    # the single-expert renderer fine-tuned from Wan2.1-1.3B (spec §1, §2.3: its config's wan22_base)
+    # the single-expert renderer fine-tuned from Wan2.1-1.3B (docs/official_behaviour.md §1, §2.3: its config's
+    # wan22_base)
     "Bernini-R-1.3B-Diffusers": "ByteDance/Bernini-R-1.3B-Diffusers",
 }
 PARTS = ("all", "planner", "renderer")

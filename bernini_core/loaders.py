@@ -1,8 +1,8 @@
-"""Build the renderer's components from each supported on-disk layout (spec/bernini.md §2.3–§2.4).
+"""Build the renderer's components from each supported on-disk layout (docs/official_behaviour.md §2.3–§2.4).
 
 Every model is built on the meta device and filled shard by shard by `checkpoints.load_weights_`,
 casting each tensor to its final dtype as it arrives, so a checkpoint never exists twice in memory.
-Dtype policy (§11.3): Bernini-R DiT in the requested dtype with the fp32 islands, UMT5 in the
+Dtype policy (docs/official_behaviour.md §7.3): Bernini-R DiT in the requested dtype with the fp32 islands, UMT5 in the
 requested dtype, VAE always fp32.
 """
 
@@ -26,12 +26,13 @@ from .vae import VAEConfig, WanVAE
 
 log = logging.getLogger("bernini.loaders")
 
-WAN_HEAD_DIM = 128  # every released Wan / Bernini DiT (§11.2); single files carry no config
+WAN_HEAD_DIM = 128  # every released Wan / Bernini DiT (docs/official_behaviour.md §7.2); single files carry no config
 
 
 @dataclass
 class RendererConfig:
-    """The renderer `config.json` fields inference uses (§2.3), with the official defaults."""
+    """The renderer `config.json` fields inference uses (docs/official_behaviour.md §2.3), with the official
+    defaults."""
 
     switch_dit_boundary: float = 0.875
     shift: float = 3.0
@@ -157,7 +158,8 @@ def _single_file_key_map(keys):
 
 
 def load_vae(path, *, config: Optional[VAEConfig] = None, ops=None) -> WanVAE:
-    """The Wan 2.1 VAE from a diffusers `vae/` folder or a ComfyUI single file; always fp32 (§11.3).
+    """The Wan 2.1 VAE from a diffusers `vae/` folder or a ComfyUI single file; always fp32
+    (docs/official_behaviour.md §7.3).
 
     A folder's config.json is used; a single file carries none, so it is the standard Wan 2.1 VAE unless
     `config` says otherwise (a file of another size fails with a shape message)."""

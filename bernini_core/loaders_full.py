@@ -1,4 +1,5 @@
-"""Loading full Bernini (planner + renderer) from a Bernini-Diffusers(-v2) folder (spec/bernini.md §2.1, §2.2).
+"""Loading full Bernini (planner + renderer) from a Bernini-Diffusers(-v2) folder
+(docs/official_behaviour.md §2.1, §2.2).
 
 Layout: ``config.json`` (model_type "bernini"), ``transformer_config.json`` / ``transformer_2_config.json``,
 ONE combined sharded checkpoint ``bernini/`` holding every trained module under its prefix, ``mllm/``
@@ -6,8 +7,9 @@ ONE combined sharded checkpoint ``bernini/`` holding every trained module under 
 
 The combined checkpoint is split into lazy prefix views (no data read); each module is built on the meta
 device and filled view by view, shard by shard, each tensor cast to its final dtype as it arrives, so no
-module ever exists twice. Dtypes follow the official loaders (§11.3): Qwen, UMT5 and BOTH DiTs entirely in
-the requested dtype (bf16: no fp32 islands), connector / ViT decoder / mask_tokens fp32, VAE fp32.
+module ever exists twice. Dtypes follow the official loaders (docs/official_behaviour.md §7.3): Qwen, UMT5
+and BOTH DiTs entirely in the requested dtype (bf16: no fp32 islands), connector / ViT decoder / mask_tokens
+fp32, VAE fp32.
 """
 
 from __future__ import annotations
@@ -30,16 +32,19 @@ from .vae import WanVAE
 
 log = logging.getLogger("bernini.loaders_full")
 
-V2_DIRNAME = "Bernini-Diffusers-v2"  # BD: gradio_demo.py `_is_bernini_v2_config`
-RENDERER_HEAD_DIM = 128  # the source-id RoPE is always built with head dim 128 (§11.2)
-SUPPORTED_FEATURE_TYPES = (None, "masked_tgt_embed_with_qwen_txt_vit_tokens")  # §3.7; pipeline.py "else" branch
+V2_DIRNAME = "Bernini-Diffusers-v2"  # official `gradio_demo.py` `_is_bernini_v2_config`
+RENDERER_HEAD_DIM = 128  # the source-id RoPE is always built with head dim 128 (docs/official_behaviour.md §7.2)
+# docs/official_behaviour.md §3.7; None = the "else" branch of official `bernini/pipeline.py`
+SUPPORTED_FEATURE_TYPES = (None, "masked_tgt_embed_with_qwen_txt_vit_tokens")
 
-# What the official CLI passes to BerniniPipeline.from_pretrained (OFF: cli.py build_pipeline, §5.4 defaults);
+# What the official CLI passes to BerniniPipeline.from_pretrained (official `bernini/cli.py` `build_pipeline`,
+# defaults of docs/official_behaviour.md §5.4);
 # the config.json defaults differ (use_unipc False), so callers mirroring the CLI apply these.
 CLI_OVERRIDES = {"use_unipc": True, "use_src_id_rotary_emb": True, "interpolate_src_id": True,
                  "max_trained_src_id": 5}
 
-# Component -> key prefix in the combined checkpoint (§2.1, §2.2). "mask_tokens" is one tensor, not a prefix.
+# Component -> key prefix in the combined checkpoint (docs/official_behaviour.md §2.1, §2.2). "mask_tokens" is one
+# tensor, not a prefix.
 COMPONENT_PREFIXES = {"dit_high": "diff_dec.transformer.", "dit_low": "diff_dec_low.transformer_2.",
                       "planner_mllm": "mllm.", "t5": "t5_text_encoder.", "connector": "connector.",
                       "vit_decoder": "vit_decoder.", "mask_tokens": "mask_tokens"}
@@ -47,7 +52,7 @@ _COMPONENT_NAMES = {"dit_high": "the high-noise DiT", "dit_low": "the low-noise 
                     "planner_mllm": "the Qwen2.5-VL planner", "connector": "the connector",
                     "vit_decoder": "the ViT decoder", "mask_tokens": "the mask-token table"}
 
-# Official BerniniConfig defaults for the nested configs (OFF: bernini/models/bernini.py `.get(..., default)`).
+# Official BerniniConfig defaults for the nested configs (official `bernini/models/bernini.py` `.get(..., default)`).
 CLIP_DIFF_DEFAULTS = {"z_channels": 3584, "target_channels": 3584, "depth": 16, "width": 1536,
                       "diff_net": "SimpleMLPAdaLN", "scheduler_type": "FlowMatchScheduler", "shift": 3.0,
                       "num_inference_steps": 100, "extra_one_step": True, "diffusion_batch_mul": 1}
@@ -59,9 +64,9 @@ CONNECTOR_DEFAULTS = {"num_layers_for_gen": 1, "out_dim_for_gen": 4096, "enable_
 # ---------------------------------------------------------------------------- config
 @dataclass
 class BerniniConfig:
-    """``config.json`` of Bernini-Diffusers(-v2): every §2.1 field, with the official BerniniConfig defaults
-    for fields a file omits. ``version`` ("v1"/"v2") only selects presets (§3.9, §5.2); the architecture is
-    the same."""
+    """``config.json`` of Bernini-Diffusers(-v2): every field of docs/official_behaviour.md §2.1, with the official
+    BerniniConfig defaults for fields a file omits. ``version`` ("v1"/"v2") only selects presets
+    (docs/official_behaviour.md §3.9, §5.2); the architecture is the same."""
 
     version: str = "v1"
     version_source: str = "default"  # which signal decided `version` (see detect_version)
@@ -95,7 +100,7 @@ class BerniniConfig:
     connector_cfg: dict = field(default_factory=dict)
     mask_ratio_infer_cfg: Optional[dict] = None
     t5_max_sequence_length: int = 512
-    t5_combine_type: str = "kl_loss"  # the pipeline always concatenates (§3.7); recorded only
+    t5_combine_type: str = "kl_loss"  # the pipeline always concatenates (docs/official_behaviour.md §3.7); unused
     # training-only fields, kept for completeness
     cotrain: bool = False
     scratch: bool = False
@@ -194,12 +199,13 @@ def _validate_config(cfg: BerniniConfig) -> None:
     check(cfg.clip_diff_cfg["z_channels"] == cfg.vit_dim, "clip_diff_cfg.z_channels",
           f"must equal connector_cfg.out_dim_for_vit ({cfg.vit_dim}): the ViT decoder is conditioned on it.")
     check(cfg.feature_type_from_stage_one in SUPPORTED_FEATURE_TYPES, "feature_type_from_stage_one",
-          f"is not supported; only {SUPPORTED_FEATURE_TYPES[1]!r} (the released planner hand-off, §3.7) is.")
+          f"is not supported; only {SUPPORTED_FEATURE_TYPES[1]!r} (the released planner hand-off, "
+          "docs/official_behaviour.md §3.7) is.")
 
 
 def detect_version(path, config_data: Optional[dict] = None) -> tuple:
     """("v1" | "v2", reason). The official signal is the folder name ending in "Bernini-Diffusers-v2"
-    (BD: gradio_demo.py ``_is_bernini_v2_config``); a Hugging Face cache folder of that repository and a
+    (official ``gradio_demo.py`` ``_is_bernini_v2_config``); a Hugging Face cache folder of that repository and a
     config.json ``base_dir`` naming it [inferred: the v2 config's base_dir] are accepted as well."""
     text = str(path).rstrip("/\\")
     if text.endswith(V2_DIRNAME):
@@ -210,14 +216,14 @@ def detect_version(path, config_data: Optional[dict] = None) -> tuple:
     base_dir = (config_data or {}).get("base_dir")
     if isinstance(base_dir, str) and base_dir.rstrip("/\\").endswith(V2_DIRNAME):
         return "v2", "config.json base_dir"
-    return "v1", "default (no v2 signal)"
+    return "v1", "no v2 signal, so the default"
 
 
 def check_target_tokens(n_tokens: int, config: BerniniConfig) -> None:
     """Refuse a target with more planner tokens than the mask-token table holds (config num_mask_token).
 
-    The official code only ever reads mask_tokens[:, :1] and has no such check (§3.1); the table size is the
-    training bound, so a larger target would run outside anything the planner was trained on."""
+    The official code only ever reads mask_tokens[:, :1] and has no such check (docs/official_behaviour.md §3.1);
+    the table size is the training bound, so a larger target would run outside anything the planner was trained on."""
     if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens <= 0:
         raise BerniniError(f"the target must have a positive number of planner tokens, got {n_tokens!r}.")
     if n_tokens > config.num_mask_token:
@@ -243,9 +249,10 @@ class FullPaths:
 
 
 def component_paths(config: BerniniConfig, root) -> FullPaths:
-    """Where each component lives. Mirrors OFF pipeline.py ``_localize_bernini_config``: an explicit path that
-    exists wins, otherwise <base>/<subfolder>, base = an existing absolute ``base_dir`` or the folder itself
-    (the released ``base_dir`` is a hub id). Subfolders default to the §2.1 names."""
+    """Where each component lives. Mirrors official ``bernini/pipeline.py`` ``_localize_bernini_config``: an
+    explicit path that exists wins, otherwise <base>/<subfolder>, base = an existing absolute ``base_dir`` or the
+    folder itself (the released ``base_dir`` is a hub id). Subfolders default to the names of
+    docs/official_behaviour.md §2.1."""
     root = Path(root)
     base = Path(config.base_dir) if config.base_dir and Path(config.base_dir).is_absolute() \
         and Path(config.base_dir).is_dir() else root
@@ -347,8 +354,8 @@ def qwen_key_map(target_keys: Iterable[str], *, tied_lm_head: bool = False) -> C
 
     transformers >= 4.52 (5.x included) nest ForConditionalGeneration as model.visual / model.language_model
     (Qwen2_5_VLModel as visual / language_model); older releases kept visual / model. The first candidate the
-    module has wins; lm_head.weight is dropped when the module has none (unused at inference, §3.1) or when it
-    is tied to the embeddings."""
+    module has wins; lm_head.weight is dropped when the module has none (unused at inference,
+    docs/official_behaviour.md §3.1) or when it is tied to the embeddings."""
     targets = set(target_keys)
 
     def key_map(key: str) -> Optional[str]:
@@ -398,7 +405,8 @@ def _assert_materialised(module: torch.nn.Module, what: str) -> None:
 def build_planner(config: BerniniConfig, mllm_dir, sources: Dict[str, TensorSource], *,
                   dtype: torch.dtype = torch.bfloat16, ops=None, origin: str = "the combined checkpoint"):
     """The PlannerModel: Qwen2.5-VL from ``mllm/config.json`` in ``dtype``, connector / ViT decoder /
-    mask_tokens in fp32 (§11.3), each filled strictly from its view of the combined checkpoint."""
+    mask_tokens in fp32 (docs/official_behaviour.md §7.3), each filled strictly from its view of the combined
+    checkpoint."""
     from transformers import AutoConfig
 
     from .planner.model import PlannerModel
@@ -471,7 +479,8 @@ def _dit_config(path: Path, config: BerniniConfig) -> DiTConfig:
     dit = DiTConfig.from_dict(read_json(path))
     if dit.attention_head_dim != RENDERER_HEAD_DIM:
         raise BerniniError(f"'{path}': attention_head_dim {dit.attention_head_dim} is not supported; full Bernini "
-                           f"builds the source-id RoPE with head dim {RENDERER_HEAD_DIM} (§11.2).")
+                           f"builds the source-id RoPE with head dim {RENDERER_HEAD_DIM} "
+                           "(docs/official_behaviour.md §7.2).")
     if dit.text_dim != config.gen_dim:
         raise BerniniError(f"'{path}': text_dim {dit.text_dim} differs from config.json connector_cfg.out_dim_for_gen "
                            f"({config.gen_dim}); the renderer could not read the planner's contexts.")
@@ -526,7 +535,7 @@ def load_full(path, *, dtype: torch.dtype = torch.bfloat16, attention: str = "au
     without the planner, ``planner`` is None; without the renderer, the experts, UMT5 and VAE are None.
 
     ``t5_weights``: "folder" reads UMT5 from t5_text_encoder/ (smaller, bf16 in the release); "checkpoint" reads
-    the redundant ``t5_text_encoder.*`` copy of bernini/ (spec §2.1 says they are the same weights)."""
+    the redundant ``t5_text_encoder.*`` copy of bernini/ (the same weights, docs/official_behaviour.md §2.1)."""
     path = Path(path)
     if path.is_file() and path.name == "config.json":
         path = path.parent

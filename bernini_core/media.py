@@ -1,4 +1,4 @@
-"""Source media preprocessing and output writing (spec bernini.md §4.8, §11.4).
+"""Source media preprocessing and output writing (docs/official_behaviour.md §4.8, §7.4).
 
 Reproduces the official ``bernini/data_utils.py`` (``MaxLongEdgeMinShortEdgeResize``,
 ``VAEVideoTransform``, ``smart_video_nframes``, ``preprocess_video/_image``) and
@@ -56,7 +56,7 @@ def _scale_pair(w: int, h: int, scale: float, stride: int, describe) -> tuple[in
         snapped = _snapped(round(side * scale), stride)
         if snapped < stride:
             # The official floors this side to `stride`, stretching the picture;
-            # we refuse instead (brief: a too-small source is a user error).
+            # we refuse instead (a too-small source is a user error, docs/architecture.md §7).
             raise BerniniError(
                 f"{describe()} is too small: after the resize rule a side would be "
                 f"{round(side * scale)} px, under half the {stride}-px grid. Use a source whose sides "
@@ -106,7 +106,7 @@ def smart_video_nframes(total_frames: int, video_fps: float, target_fps: float, 
     ``target_fps`` rounded down to ``4n+1``, capped at ``max_frames // 4 * 4 + 1``.
 
     That cap equals ``max_frames`` when it is already ``4n+1`` (the pipeline forces
-    ``num_frames`` to ``num_frames // 4 * 4 + 1``, §4.8); for ``max_frames = 4n`` it is
+    ``num_frames`` to ``num_frames // 4 * 4 + 1``, docs/official_behaviour.md §4.8); for ``max_frames = 4n`` it is
     one more, exactly as the official. Very short clips still give 5 frames
     (repeating frames)."""
     count = _initial_count(total_frames, video_fps, target_fps, frame_factor, add_one)
@@ -277,7 +277,7 @@ def _normalise(frames_u8: list[np.ndarray], size: tuple[int, int]) -> Tensor:
 
 def load_video(source, *, fps: float = 16, num_frames: int = 81, max_image_size: int = 848,
                min_short_edge: int = 1, video_fps: float | None = None) -> Tensor:
-    """A source video as float32 ``[3, F', H', W']`` in [-1, 1] (OFF: preprocess_video).
+    """A source video as float32 ``[3, F', H', W']`` in [-1, 1] (official ``preprocess_video``).
 
     ``source``: a path (decoded with PyAV) or frames ``[F, H, W, 3]`` (numpy/torch,
     uint8 or float 0..1) whose rate is ``video_fps`` (default: ``fps``). Frames are
@@ -318,7 +318,7 @@ def load_video(source, *, fps: float = 16, num_frames: int = 81, max_image_size:
 
 def load_image(source, *, max_image_size: int = 848, min_short_edge: int = 1) -> Tensor:
     """A source / reference image as float32 ``[3, 1, H', W']`` in [-1, 1]
-    (OFF: preprocess_image). ``source``: a path, a PIL image, or an array
+    (official ``preprocess_image``). ``source``: a path, a PIL image, or an array
     ``[H, W, 3]`` / ``[1, H, W, 3]`` (uint8 or float 0..1). Alpha is dropped
     (PIL ``convert("RGB")``); EXIF orientation is not applied, as in the official."""
     if isinstance(source, (str, os.PathLike)):

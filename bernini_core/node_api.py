@@ -1,11 +1,11 @@
 """The engine side of the ComfyUI nodes: one function per node beyond declaring its inputs.
 
 No ComfyUI import here (the runtime, ops and intermediate device come from `comfy_bridge`), so every node can be
-called and tested in plain Python. Data flow (design.md §3): Load Renderer → (RendererModel, TextEncoderModel,
-VAEModel) sharing one pipeline (node_models); Encode Prompt → Conditioning (the task is chosen there and travels
-with it); Sources → SourcesBundle; Plan Semantics (full Bernini) → Conditioning with a Plan; Sample → LATENT
-{"samples": raw Wan 2.1 latents}; Decode → IMAGE. Widget sentinels (0 / -1 / "auto") mean "the preset of this
-task for this model", and an input that contradicts another raises BerniniError naming both and the fix.
+called and tested in plain Python. Data flow (docs/architecture.md §6): Load Renderer → (RendererModel,
+TextEncoderModel, VAEModel) sharing one pipeline (node_models); Encode Prompt → Conditioning (the task is chosen
+there and travels with it); Sources → SourcesBundle; Plan Semantics (full Bernini) → Conditioning with a Plan;
+Sample → LATENT {"samples": raw Wan 2.1 latents}; Decode → IMAGE. Widget sentinels (0 / -1 / "auto") mean "the
+preset of this task for this model", and an input that contradicts another raises BerniniError naming both and the fix.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ GUIDANCE_CHOICES = ("auto",) + RENDERER_MODES + tuple(m for m in FULL_MODES if m
 
 # ---------------------------------------------------------------------------- prompt
 def default_negative_prompt(family: str, version: str, task: str) -> str:
-    """The negative prompt the official presets use for this task and model (§5.1–§5.3)."""
+    """The negative prompt the official presets use for this task and model (docs/official_behaviour.md §5.1–§5.3)."""
     from .text_encoder import negative_prompt
 
     kind = RENDERER_NEGATIVE_KIND if family == RENDERER_FAMILY else bernini_preset(task, version)["negative"]
@@ -54,7 +54,8 @@ def encode_prompt(text_encoder: TextEncoderModel, task: str, prompt: str, negati
                            "to make.")
     negative = negative_prompt if negative_prompt and negative_prompt.strip() else \
         default_negative_prompt(text_encoder.family, text_encoder.version, task)
-    # The system prompt: the preset's when it names one (v1 v2v/mv2v, as run_v2v.sh passes it), else the task's (§4.4).
+    # The system prompt: the preset's when it names one (v1 v2v/mv2v, as run_v2v.sh passes it), else the task's
+    # (docs/official_behaviour.md §4.4).
     system_prompt = text_encoder.pipeline.default_settings(task).get("system_prompt")
     embeds = text_encoder.pipeline.encode_prompt(task, prompt, negative, system_prompt)
     return Conditioning(task=task, embeds=embeds, prompt=prompt, negative_prompt=negative,
@@ -151,8 +152,8 @@ def prepare_sources(conditioning: Conditioning, vae: VAEModel, width: int = 0, h
 def plan(planner: PlannerModel, conditioning: Conditioning, sources: SourcesBundle, planning_steps: int = 0,
          vit_denoising_steps: int = 0, vit_txt_cfg: float = -1.0, vit_img_cfg: float = -1.0,
          seed: int = 42) -> Conditioning:
-    """MaskGIT planning (§3.4–§3.7) on the renderer pipeline that encoded the prompt; returns the conditioning
-    with its Plan (the four renderer contexts)."""
+    """MaskGIT planning (docs/official_behaviour.md §3.4–§3.7) on the renderer pipeline that encoded the prompt;
+    returns the conditioning with its Plan (the four renderer contexts)."""
     node = "Plan Bernini Semantics"
     if conditioning.family != FULL_FAMILY:
         raise BerniniError(f"{node}: the conditioning comes from {conditioning.label}, which renders without a "
@@ -268,7 +269,7 @@ def sample(renderer: RendererModel, conditioning: Conditioning, sources: Sources
         latents = pipe.sample(conditioning.plan, sources.sources, settings)
     else:
         latents = pipe.sample(conditioning.embeds, sources.sources, settings)
-    raw = pipe.components.vae.denormalize(latents)  # ComfyUI's Wan LATENT convention (design.md §3)
+    raw = pipe.components.vae.denormalize(latents)  # ComfyUI's Wan LATENT convention (docs/architecture.md §6)
     return {"samples": raw.to(comfy_bridge.intermediate_device())}
 
 
@@ -305,12 +306,4 @@ def decode(vae: VAEModel, latent: dict, tiled: bool = False, tile_size: int = 25
             raise BerniniError(f"Decode Bernini VAE: tile_overlap {tile_overlap} must be smaller than tile_size "
                                f"{tile_size} (e.g. 256 and 64).")
         tiling = TilingConfig(tile_px=int(tile_size), overlap_px=int(tile_overlap))
-    pipe = vae.pipeline
-    model, device = pipe.components.vae, pipe.vae_handle.load_device  # honours --cpu-vae
-    videos = []
-    memory = model.working_memory(samples.shape[-2] * 8, samples.shape[-1] * 8, tiling)
-    with pipe.runtime.use(pipe.vae_handle, memory_required=memory), torch.inference_mode():
-        for item in samples:
-            video = model.decode_raw(item.unsqueeze(0).to(device, torch.float32), tiling=tiling)
-            videos.append((video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu())
-    return torch.cat(videos, dim=0).contiguous()
+    return vae.pipeline.decode_raw(samples, tiling=tiling)  # the pipelines' own decode: same latents, same frames

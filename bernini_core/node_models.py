@@ -75,7 +75,7 @@ class Conditioning:
 
     task: str
     embeds: Any  # stages.PromptEmbeds
-    prompt: str  # the raw prompt (the planner reads it, §3.4)
+    prompt: str  # the raw prompt (the planner reads it, docs/official_behaviour.md §3.4)
     negative_prompt: str  # the negative actually used (the preset's when the widget was empty)
     family: str
     version: str
@@ -228,7 +228,8 @@ def _load_folder(name, weight_dtype, attention, download, runtime):
     path = _bernini_folder(name, "renderer", download, "Load Bernini Renderer")
     dtype = resolve_dtype(weight_dtype)
     ops = comfy_bridge.comfy_ops(dtype)
-    if is_full_bernini_dir(path):  # the official CLI's loader settings (loaders_full.CLI_OVERRIDES, §5.4)
+    # the official CLI's loader settings (loaders_full.CLI_OVERRIDES, docs/official_behaviour.md §5.4)
+    if is_full_bernini_dir(path):
         components = load_full(path, dtype=dtype, attention=attention, overrides=dict(CLI_OVERRIDES), ops=ops,
                                with_planner=False, with_renderer=True)
         return FullPipeline(components, runtime, dtype)
@@ -256,7 +257,7 @@ def _load_single_files(weight_dtype, attention, runtime, high, low, text_encoder
                              attention=attention, ops=ops)
 
     components = RendererComponents(
-        config=RendererConfig(),  # the released renderer config.json values (§2.3)
+        config=RendererConfig(),  # the released renderer config.json values (docs/official_behaviour.md §2.3)
         dit_high=expert(high),
         dit_low=expert(low) if low not in (None, "", NONE) else None,
         text_encoder=UMT5TextEncoder.from_single_file(comfy_bridge.model_path("text_encoders", text_encoder),

@@ -1,4 +1,4 @@
-"""The layer namespace every model class builds from (design.md §5).
+"""The layer namespace every model class builds from (docs/architecture.md §5).
 
 Models never instantiate ``torch.nn.Linear`` & co. directly; they take an ``ops``
 object with the attributes below. Standalone (tests, CLI) that is ``torch.nn``

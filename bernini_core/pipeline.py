@@ -1,9 +1,9 @@
 """BerniniPipeline: from_pretrained, __call__, and the stage methods the ComfyUI nodes use.
 
 `BerniniPipeline.from_pretrained(path)` reads the directory's layout (and `config.json`
-`model_type`, as the official `build_pipeline` does, spec/bernini.md §6.1) and returns the
-matching pipeline. Bernini-R (renderer only) is `RendererPipeline`; the full planner
-pipeline joins it with the planner issue.
+`model_type`, as the official `build_pipeline` does, docs/official_behaviour.md §6.1) and returns the
+matching pipeline. Bernini-R (renderer only) is `RendererPipeline`; full Bernini (planner +
+renderer) is `FullPipeline` (bernini_core/pipeline_full.py).
 
 `__call__` reads top to bottom: settings (task preset + caller overrides) → encode prompt →
 prepare sources → sample → decode → optionally save.
@@ -26,7 +26,7 @@ from .text_encoder import negative_prompt, t5_negative_text, t5_positive_text
 
 log = logging.getLogger("bernini.pipeline")
 
-# Keywords a call accepts (official CLI names, design.md §4). Planner keywords are accepted by
+# Keywords a call accepts (official CLI names, docs/architecture.md §6). Planner keywords are accepted by
 # every pipeline so one settings dict serves both families; the renderer ignores them, like the
 # official renderer pipeline's **kwargs.
 CALL_KEYWORDS = frozenset(
@@ -49,7 +49,7 @@ def video_rate(video_fps, index: int):
 
 
 def make_divisible(value: int, stride: int = 16) -> int:
-    """The official size snap: nearest multiple of `stride`, at least `stride` (§4.8)."""
+    """The official size snap: nearest multiple of `stride`, at least `stride` (docs/official_behaviour.md §4.8)."""
     return max(stride, int(round(value / stride) * stride))
 
 
@@ -70,25 +70,50 @@ class BerniniPipeline:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "BerniniPipeline":
+        pipeline_class = cls.pipeline_class(path, high_noise_ckpt=kwargs.get("high_noise_ckpt"),
+                                            low_noise_ckpt=kwargs.get("low_noise_ckpt"))
+        return pipeline_class.from_pretrained(path, **kwargs)
+
+    @staticmethod
+    def pipeline_class(path, *, high_noise_ckpt=None, low_noise_ckpt=None) -> type:
+        """The pipeline `from_pretrained` loads `path` with, told from config.json and the folder listing only
+        (no weights read), so a caller can check its inputs before the long load."""
         from .checkpoints import Layout, detect_layout
         from .loaders_full import is_full_bernini_dir
 
         if is_full_bernini_dir(path):  # full Bernini refuses split checkpoints with its own message
             from .pipeline_full import FullPipeline
 
-            return FullPipeline.from_pretrained(path, **kwargs)
-        if kwargs.get("high_noise_ckpt") or kwargs.get("low_noise_ckpt"):
-            return RendererPipeline.from_pretrained(path, **kwargs)
-        layout = detect_layout(path)
-        if layout == Layout.BERNINI_FULL:  # config.json model_type "bernini" (official build_pipeline, §6.1)
+            return FullPipeline
+        if high_noise_ckpt or low_noise_ckpt:
+            return RendererPipeline
+        # config.json model_type "bernini" (official `build_pipeline`, docs/official_behaviour.md §6.1)
+        if detect_layout(path) == Layout.BERNINI_FULL:
             from .pipeline_full import FullPipeline
 
-            return FullPipeline.from_pretrained(path, **kwargs)
-        return RendererPipeline.from_pretrained(path, **kwargs)
+            return FullPipeline
+        return RendererPipeline
+
+    def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
+        """Normalised latents (what ``sample`` returns) → float32 frames [F,H,W,3] in 0..1 on the CPU."""
+        return self.decode_raw(self.components.vae.denormalize(latents), tiling=tiling)
+
+    def decode_raw(self, raw: torch.Tensor, tiling=None) -> torch.Tensor:
+        """Raw Wan 2.1 latents [B,16,T,h,w] (``BerniniOutput.latents``, a ComfyUI LATENT) → float32 frames
+        [B·F,H,W,3] in 0..1 on the CPU, one video after the other. The one decoding path of the pipelines and
+        the Decode node, so both give the same frames for the same latents."""
+        vae = self.components.vae
+        memory = vae.working_memory(raw.shape[-2] * 8, raw.shape[-1] * 8, tiling)
+        videos = []
+        with self.runtime.use(self.vae_handle, memory_required=memory), torch.inference_mode():
+            for item in raw:
+                video = vae.decode_raw(item.unsqueeze(0).to(self.vae_handle.load_device, torch.float32), tiling=tiling)
+                videos.append((video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu())
+        return torch.cat(videos, dim=0).contiguous()
 
 
 class RendererPipeline(BerniniPipeline):
-    """Bernini-R: UMT5 + one or two Wan DiT experts + Wan 2.1 VAE (spec §4, §5.3)."""
+    """Bernini-R: UMT5 + one or two Wan DiT experts + Wan 2.1 VAE (docs/official_behaviour.md §4, §5.3)."""
 
     family = "bernini_renderer"
 
@@ -136,7 +161,8 @@ class RendererPipeline(BerniniPipeline):
     def encode_prompt(
         self, task: str, prompt: str, neg_prompt: Optional[str] = None, system_prompt: Optional[str] = None
     ) -> PromptEmbeds:
-        """UMT5 features of system_prompt + cleaned prompt and of the negative prompt (§4.4)."""
+        """UMT5 features of system_prompt + cleaned prompt and of the negative prompt
+        (docs/official_behaviour.md §4.4)."""
         get_task(task)
         if not isinstance(prompt, str) or not prompt.strip():
             raise BerniniError("prompt is empty: describe the image/video to generate or the edit to make.")
@@ -167,12 +193,13 @@ class RendererPipeline(BerniniPipeline):
         min_short_edge: int = 1,
         tiling=None,
     ) -> Sources:
-        """Resize, resample and VAE-encode the sources by the official rules (§4.8)."""
+        """Resize, resample and VAE-encode the sources by the official rules (docs/official_behaviour.md §4.8)."""
         spec = get_task(task)
         videos = [] if video is None else (list(video) if isinstance(video, (list, tuple)) else [video])
         refs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
         if task in ("r2v", "rv2v") and image is not None:
-            # The official gradio routing merges a single reference image into `images` (§6.3).
+            # The official gradio routing merges a single reference image into `images`
+            # (docs/official_behaviour.md §6.3).
             refs, image = [image] + refs, None
         check_sources(spec, n_videos=len(videos), has_image=image is not None, n_images=len(refs))
 
@@ -231,7 +258,8 @@ class RendererPipeline(BerniniPipeline):
         )
 
     def output_geometry(self, sources: Sources, settings: dict[str, Any]) -> tuple[int, int, int]:
-        """Frames and size: from the first source video / the i2i image, else the settings (§4.8)."""
+        """Frames and size: from the first source video / the i2i image, else the settings
+        (docs/official_behaviour.md §4.8)."""
         frames = sources.frame_count if sources.frame_count is not None else int(settings["num_frames"])
         if get_task(sources.task).single_frame:
             frames = 1
@@ -242,16 +270,14 @@ class RendererPipeline(BerniniPipeline):
         width = sources.width if sources.width is not None else int(settings["width"])
         if height <= 0 or width <= 0:
             raise BerniniError(f"height/width must be positive when no source fixes the size, got {height}x{width}.")
-        return fixed, make_divisible(height), make_divisible(width)
-
-    def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
-        """Normalised latents → float32 frames [F,H,W,3] in 0..1 on the CPU."""
-        vae = self.components.vae
-        memory = vae.working_memory(latents.shape[-2] * 8, latents.shape[-1] * 8, tiling)
-        with self.runtime.use(self.vae_handle, memory_required=memory), torch.inference_mode():
-            video = self.components.vae.decode(latents.to(self.vae_handle.load_device, torch.float32), tiling=tiling)
-        frames = (video[0].float() / 2 + 0.5).clamp(0, 1)
-        return frames.permute(1, 2, 3, 0).contiguous().cpu()
+        size = []
+        for name, value in (("height", height), ("width", width)):
+            snapped = make_divisible(value)
+            if snapped != value:
+                log.warning("%s=%d is not a multiple of 16; using %d (the nearest one) as the official pipeline does.",
+                            name, value, snapped)
+            size.append(snapped)
+        return fixed, size[0], size[1]
 
     # ------------------------------------------------------------------ call
     def resolve(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -288,11 +314,11 @@ class RendererPipeline(BerniniPipeline):
             video_fps=settings.get("video_fps"),
             tiling=tiling,
         )
-        latents = self.sample(embeds, sources, settings)
-        frames = self.decode(latents, tiling=tiling)
+        raw = self.components.vae.denormalize(self.sample(embeds, sources, settings))
+        frames = self.decode_raw(raw, tiling=tiling)
         out = BerniniOutput(
             frames=frames,
-            latents=self.components.vae.denormalize(latents),
+            latents=raw,
             settings=settings,
             prompt_text=embeds.positive_text,
         )

@@ -1,14 +1,15 @@
 """Full Bernini (v1 and v2): the Qwen2.5-VL planner plans the target in ViT space, the dual-expert renderer
-draws it (spec/bernini.md §3, §4.7 full-Bernini modes, §5.1–§5.2, §11).
+draws it (docs/official_behaviour.md §3, §4.7 full-Bernini modes, §5.1–§5.2, §7).
 
 `__call__` follows the official `BerniniPipeline.__call__` step by step, including its random-number
-protocol (§11.1): seed Python, numpy and torch; preprocess the sources (no draws); encode the three
-planner branches cond, imgcond, uncond with their unused draws; MaskGIT planning; UMT5; renderer noise
+protocol (docs/official_behaviour.md §7.1): seed Python, numpy and torch; preprocess the sources (no draws);
+encode the three planner branches cond, imgcond, uncond with their unused draws; MaskGIT planning; UMT5; renderer noise
 from a separate CPU generator. The stage methods split the same work for the ComfyUI nodes.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -31,7 +32,10 @@ from .stages import BerniniOutput, PromptEmbeds
 from .tasks import bernini_preset, check_sources, get_task, resolve_settings
 from .text_encoder import negative_prompt, pad_context, prompt_clean, t5_negative_text, t5_positive_text
 
-FULL_MIN_SHORT_EDGE = 240  # full Bernini resizes sources and the target placeholder to a ≥ 240 px short edge (§11.4)
+log = logging.getLogger("bernini.pipeline_full")
+
+# full Bernini resizes sources and the target placeholder to a ≥ 240 px short edge (docs/official_behaviour.md §7.4)
+FULL_MIN_SHORT_EDGE = 240
 CONTEXT_NAMES = ("wtxt_wvit", "wtxt_wovit", "wotxt_wvit", "wotxt_wovit")
 
 
@@ -78,7 +82,8 @@ class PlannerBundle:
 
 @dataclass
 class Plan:
-    """The planner's output: the four renderer contexts of §3.7 joined to the UMT5 features (≥ 512 rows)."""
+    """The planner's output: the four renderer contexts of docs/official_behaviour.md §3.7 joined to the UMT5
+    features (≥ 512 rows)."""
 
     task: str
     contexts: dict  # name -> [1, L, D]
@@ -140,7 +145,8 @@ class FullPipeline(BerniniPipeline):
     # ------------------------------------------------------------------ stage 1: text
     def encode_prompt(self, task: str, prompt: str, neg_prompt: Optional[str] = None,
                       system_prompt: Optional[str] = None) -> PromptEmbeds:
-        """UMT5 features of the full-Bernini texts (§3.7: cleaned twice, the negative cleaned too)."""
+        """UMT5 features of the full-Bernini texts (cleaned twice, the negative cleaned too;
+        docs/official_behaviour.md §3.7)."""
         get_task(task)
         if not isinstance(prompt, str) or not prompt.strip():
             raise BerniniError("prompt is empty: describe the image/video to generate or the edit to make.")
@@ -156,12 +162,14 @@ class FullPipeline(BerniniPipeline):
     def prepare_sources(self, task: str, *, video=None, image=None, images=None, fps: int = 16,
                         num_frames: int = 81, height: int = 480, width: int = 848, max_image_size: int = 848,
                         video_fps=None, tiling=None) -> PlannerSources:
-        """VAE latents and ViT features of every source, and the target placeholder (§3.2, §4.8, §11.4)."""
+        """VAE latents and ViT features of every source, and the target placeholder
+        (docs/official_behaviour.md §3.2, §4.8, §7.4)."""
         spec = get_task(task)
         videos = [] if video is None else (list(video) if isinstance(video, (list, tuple)) else [video])
         refs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
         if image is not None and task != "i2i":
-            refs, image = [image] + refs, None  # gradio routing: a single image joins the references (§6.3)
+            # gradio routing: a single image joins the references (docs/official_behaviour.md §6.3)
+            refs, image = [image] + refs, None
         check_sources(spec, n_videos=len(videos), has_image=image is not None, n_images=len(refs))
         if image is not None and refs:  # the official would build mismatched planner and renderer inputs
             raise BerniniError("full Bernini i2i edits one image: pass `image` without reference `images`.")
@@ -189,7 +197,8 @@ class FullPipeline(BerniniPipeline):
         return out
 
     def _source_features(self, planner: PlannerBundle, sources: PlannerSources, device) -> list:
-        """ViT features of the sources in conversation order (videos, then images), merger output (§3.1)."""
+        """ViT features of the sources in conversation order (videos, then images), merger output
+        (docs/official_behaviour.md §3.1)."""
         features = []
         inputs = [(vision.preprocess_video_for_vit, frames) for frames in sources.video_vit_frames]
         inputs += [(vision.preprocess_image_for_vit, image) for image in sources.image_vit_inputs]
@@ -203,8 +212,8 @@ class FullPipeline(BerniniPipeline):
         return features
 
     def _target(self, task, sources: PlannerSources, num_frames, height, width, max_image_size, fps):
-        """The target placeholder (§3.2): its ViT grid and its VAE latent shape (which fixes the
-        target-token count, the unused RNG draws and, with height/width 0, the output size)."""
+        """The target placeholder (docs/official_behaviour.md §3.2): its ViT grid and its VAE latent shape (which
+        fixes the target-token count, the unused RNG draws and, with height/width 0, the output size)."""
         if sources.videos and num_frames > 1:
             first = sources.video_items[0]
             return vision.target_item(task, num_frames, height, width, first, fps=fps), tuple(sources.videos[0].shape[2:])
@@ -220,7 +229,8 @@ class FullPipeline(BerniniPipeline):
     def plan_semantics(self, sources: PlannerSources, embeds: PromptEmbeds, *, prompt: str, neg_prompt: str,
                        seed: int, planning_step: int, vit_denoising_step: int, vit_txt_cfg: float,
                        vit_img_cfg: Optional[float], planner: Optional[PlannerBundle] = None, on_step=None) -> Plan:
-        """Seed, encode the three branches (with their unused draws), run MaskGIT planning, join UMT5 (§3.4–§3.7)."""
+        """Seed, encode the three branches (with their unused draws), run MaskGIT planning, join UMT5
+        (docs/official_behaviour.md §3.4–§3.7)."""
         from .loaders_full import check_target_tokens
 
         planner = planner or self.planner
@@ -241,7 +251,7 @@ class FullPipeline(BerniniPipeline):
         with self.runtime.use(handle):
             features = self._source_features(planner, sources, handle.load_device)
             branches = {}
-            for name in ("cond", "imgcond", "uncond"):  # the official encoding order (§11.1)
+            for name in ("cond", "imgcond", "uncond"):  # the official encoding order (docs/official_behaviour.md §7.1)
                 text = neg_prompt if name == "uncond" else raw_prompt
                 branches[name] = planner.template.encode_branch(
                     name, task=sources.task, text=text, visual_inputs=sources.visual_items, target=sources.target,
@@ -253,7 +263,8 @@ class FullPipeline(BerniniPipeline):
                 dtype=self.dtype, device=handle.load_device, on_step=self._planning_progress(on_step))
         pos, neg = embeds.positive.to(self.dtype), embeds.negative.to(self.dtype)
         contexts = {}
-        for name in CONTEXT_NAMES:  # §3.7: trimmed T5 first, then the planner tokens, zero-padded to ≥ 512 rows
+        # trimmed T5 first, then the planner tokens, zero-padded to ≥ 512 rows (docs/official_behaviour.md §3.7)
+        for name in CONTEXT_NAMES:
             t5 = pos if name.startswith("wtxt") else neg
             planner_rows = getattr(ctx, name)[0].to("cpu", self.dtype)
             contexts[name] = pad_context([torch.cat([t5, planner_rows], dim=0)])
@@ -279,12 +290,13 @@ class FullPipeline(BerniniPipeline):
         guidance = FullGuidance(settings["guidance_mode"])
         check_scheduler(guidance, settings["guidance_mode"], self.config.use_unipc)
         n_videos, n_images = len(sources.videos), len(sources.images)
-        # Ids in conversation order: videos first, then images (§4.3). The official full pipeline builds the source
-        # RoPE with use_src_id_rotary_emb=True hard-coded (transform_inputs), so the config flag has no effect here.
+        # Ids in conversation order: videos first, then images (docs/official_behaviour.md §4.3). The official full
+        # pipeline builds the source RoPE with use_src_id_rotary_emb=True hard-coded (transform_inputs), so the config
+        # flag has no effect here.
         ids = source_ids_for(n_videos + n_images, max_trained=self.config.max_trained_src_id,
                              interpolate=self.config.interpolate_src_id)
         video_ids, image_ids = ids[:n_videos], ids[n_videos:]
-        combos = {  # token order: images, then videos, then the target (§4.2)
+        combos = {  # token order: images, then videos, then the target (docs/official_behaviour.md §4.2)
             "wovae": ([], []),
             "wimgvae": (list(sources.images), image_ids),
             "wvidvae": (list(sources.videos), video_ids),
@@ -300,20 +312,16 @@ class FullPipeline(BerniniPipeline):
 
     def output_geometry(self, sources: PlannerSources, settings: dict[str, Any]) -> tuple[int, int, int]:
         """Frames = min(num_frames, 1 + 4(T−1)) of the target placeholder; size = height/width if > 0, else the
-        placeholder's latent size × 8 (§4.8)."""
+        placeholder's latent size × 8 (docs/official_behaviour.md §4.8)."""
         t, h, w = sources.target_latent_shape
         frames = 1 if get_task(sources.task).single_frame else int(settings["num_frames"])
+        if force_4n_plus_1(frames) != frames:
+            log.warning("num_frames=%d is not of the form 4n+1; using %d as the official pipeline does.", frames,
+                        force_4n_plus_1(frames))
         frames = force_4n_plus_1(min(frames, 1 + 4 * (t - 1)))
         height = int(settings["height"]) if int(settings["height"] or 0) > 0 else h * 8
         width = int(settings["width"]) if int(settings["width"] or 0) > 0 else w * 8
         return frames, height, width
-
-    def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
-        vae = self.components.vae
-        memory = vae.working_memory(latents.shape[-2] * 8, latents.shape[-1] * 8, tiling)
-        with self.runtime.use(self.vae_handle, memory_required=memory), torch.inference_mode():
-            video = self.components.vae.decode(latents.to(self.vae_handle.load_device, torch.float32), tiling=tiling)
-        return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).contiguous().cpu()
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -323,7 +331,8 @@ class FullPipeline(BerniniPipeline):
         tiling = vae_tiling(settings)
         if output_path is not None:
             media.check_output_path(output_path)
-        FullGuidance(settings["guidance_mode"])  # reject a Bernini-R mode name before any work (§11.4)
+        FullGuidance(settings["guidance_mode"])  # reject a Bernini-R mode early (docs/official_behaviour.md §7.4)
+        check_geometry(int(settings["height"] or 0), int(settings["width"] or 0))  # 0 = the source's size
         sources = self.prepare_sources(
             task, video=video, image=image, images=images, fps=settings["fps"], num_frames=settings["num_frames"],
             height=settings["height"], width=settings["width"], max_image_size=settings["max_image_size"],
@@ -333,9 +342,9 @@ class FullPipeline(BerniniPipeline):
             sources, embeds, prompt=prompt, neg_prompt=settings["neg_prompt"], seed=settings["seed"],
             planning_step=settings["planning_step"], vit_denoising_step=settings["vit_denoising_step"],
             vit_txt_cfg=settings["vit_txt_cfg"], vit_img_cfg=settings["vit_img_cfg"])
-        latents = self.sample(plan_, sources, settings)
-        frames = self.decode(latents, tiling=tiling)
-        out = BerniniOutput(frames=frames, latents=self.components.vae.denormalize(latents), settings=settings,
+        raw = self.components.vae.denormalize(self.sample(plan_, sources, settings))
+        frames = self.decode_raw(raw, tiling=tiling)
+        out = BerniniOutput(frames=frames, latents=raw, settings=settings,
                             prompt_text=embeds.positive_text)
         if output_path is not None:
             out.output_path = str(media.save_output(frames, output_path, fps=settings["fps"], make_parents=True))
@@ -346,7 +355,8 @@ MAX_PLANNER_SEED = 2**32 - 1  # numpy's seed range; the official np.random.seed(
 
 
 def _seed_everything(seed: int) -> None:
-    """The official start of `__call__` (§11.1): Python, numpy and torch (CPU and CUDA) seeded with `seed`."""
+    """The official start of `__call__` (docs/official_behaviour.md §7.1): Python, numpy and torch (CPU and CUDA)
+    seeded with `seed`."""
     if not 0 <= int(seed) <= MAX_PLANNER_SEED:
         raise BerniniError(f"seed {seed} is out of range for full Bernini: the planner seeds numpy, which takes "
                            f"0..{MAX_PLANNER_SEED}; pick a seed in that range.")
@@ -356,7 +366,8 @@ def _seed_everything(seed: int) -> None:
 
 
 def _vit_frames(item, rate: float, fps: int, num_frames: int) -> np.ndarray:
-    """The frames the ViT sees (§3.2: sampled at fps // 8), decoding only those from a file."""
+    """The frames the ViT sees (sampled at fps // 8, docs/official_behaviour.md §3.2), decoding only those from a
+    file."""
     if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
         total, rate = media.probe_video(item)
         return media.decode_frames(item, vision.video_vit_frame_indices(total, rate, fps, num_frames))

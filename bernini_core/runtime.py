@@ -1,4 +1,4 @@
-"""Devices, dtypes and the offloading policy (design.md §5).
+"""Devices, dtypes and the offloading policy (docs/architecture.md §5).
 
 Every large module (DiT experts, UMT5, VAE, later the planner) is held through one
 `ModelHandle`. Stages ask the runtime to `use(handle)` and never call `.to(device)`
@@ -6,7 +6,7 @@ themselves, so the same stage code runs under two policies:
 
 * standalone (tests, CLI, Python): the handle moves the module itself; with
   `offload=True` a module goes back to the offload device after its stage, so at most
-  one big module sits on the accelerator (the official pipeline's behaviour, §6.6);
+  one big module sits on the accelerator (the official pipeline's behaviour, docs/official_behaviour.md §6.4);
 * inside ComfyUI: `comfy_bridge` supplies a runtime whose handles are ModelPatchers
   loaded with `load_models_gpu`, with ComfyUI's progress bar and interrupt check.
 """

@@ -1,4 +1,4 @@
-"""The small objects that cross stage boundaries (design.md §3).
+"""The small objects that cross stage boundaries (docs/architecture.md §6).
 
 Each is what one node hands the next in ComfyUI, and what the pipeline passes between its
 stage methods: prompt embeddings (with the task, chosen once), preprocessed sources with
@@ -32,7 +32,7 @@ class Sources:
     `videos`: one [1,16,T,h,w] latent per source video (ads2v: source video, then reference video).
     `images`: one [1,16,1,h,w] latent per image (the edited image first, then the references).
     `frame_count/height/width`: the output geometry the sources fix (first video, else the
-    i2i image), or None when no source fixes it (§4.8).
+    i2i image), or None when no source fixes it (docs/official_behaviour.md §4.8).
     """
 
     task: str

@@ -1,10 +1,10 @@
 """The task table: which sources each official task takes, and the Bernini-R presets.
 
-Sources per task follow the official gradio routing (spec/bernini.md §6.3): i2i edits
+Sources per task follow the official gradio routing (docs/official_behaviour.md §6.3): i2i edits
 one `image`; v2v/mv2v/ads2v edit a `video` (ads2v: source video then reference video);
 r2v renders from reference `images` (a single `image` joins them); rv2v needs both.
-Presets are the Bernini-R table of §5.3 (gradio BASE + RENDERER_TASK_DEFAULTS); the
-full-Bernini presets of §5.1–§5.2 live beside them once the planner lands.
+Presets are the Bernini-R table of docs/official_behaviour.md §5.3 (gradio BASE + RENDERER_TASK_DEFAULTS); the
+full-Bernini presets of docs/official_behaviour.md §5.1–§5.2 live beside them once the planner lands.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from .errors import BerniniError
 
-# Every task the official pipelines expose (§1, §6.3), in the order the UI lists them.
+# Every task the official pipelines expose (docs/official_behaviour.md §1, §6.3), in the order the UI lists them.
 TASK_NAMES = ("t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v")
 
 
@@ -87,7 +87,7 @@ def check_sources(task: TaskSpec, *, n_videos: int, has_image: bool, n_images: i
                            "them.")
 
 
-# --- Bernini-R presets (§5.3; gradio_demo.py BASE_TASK_DEFAULTS + RENDERER_TASK_DEFAULTS) ---
+# --- Bernini-R presets (docs/official_behaviour.md §5.3; gradio BASE_TASK_DEFAULTS + RENDERER_TASK_DEFAULTS) ---
 RENDERER_BASE: dict[str, Any] = {
     "num_frames": 81,
     "height": 480,
@@ -135,9 +135,10 @@ def resolve_settings(preset: Mapping[str, Any], overrides: Mapping[str, Any]) ->
     return settings
 
 
-# --- Full Bernini presets (§5.1 v1 from the official scripts/bernini/run_*.sh, completed from gradio's
-# BERNINI_V1_TASK_DEFAULTS where the scripts are silent; §5.2 v2 from gradio's BERNINI_V2_TASK_DEFAULTS) ---
-# Base: gradio BASE_TASK_DEFAULTS (the CLI defaults of §5.4 for planner settings).
+# --- Full Bernini presets: v1 from the official scripts/bernini/run_*.sh (docs/official_behaviour.md §5.1), completed
+# from gradio's BERNINI_V1_TASK_DEFAULTS where the scripts are silent; v2 from gradio's BERNINI_V2_TASK_DEFAULTS
+# (docs/official_behaviour.md §5.2) ---
+# Base: gradio BASE_TASK_DEFAULTS (the CLI defaults of docs/official_behaviour.md §5.4 for planner settings).
 BERNINI_BASE: dict[str, Any] = {
     **RENDERER_BASE,
     "planning_step": 25,
@@ -155,7 +156,8 @@ def _full(mode, frames, height, width, max_img, steps, txt, tgt, img, vid, scale
             "omega_scale": scale, **extra}
 
 
-# height = width = 0: the output follows the source (target VAE shape × 8), as the scripts pass 0/0 (§4.8).
+# height = width = 0: the output follows the source (target VAE shape × 8), as the scripts pass 0/0
+# (docs/official_behaviour.md §4.8).
 BERNINI_V1_OVERRIDES: dict[str, dict[str, Any]] = {
     "t2i": _full(_WAPG, 1, 512, 512, 842, 50, 4.0, 0.5, 1.0, 1.0, 1.0),
     "i2i": _full(_WAPG, 1, 512, 512, 842, 40, 4.0, 0.5, 1.25, 1.25, 0.75),
@@ -176,7 +178,8 @@ BERNINI_V2_OVERRIDES: dict[str, dict[str, Any]] = {
     "t2v": _full(_WAPG, 81, 480, 848, 842, 50, 5.0, 1.2, 1.0, 1.0, 1.0, **_V2_PLAN),
     "v2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 1.2, 1.25, 1.25, 0.75, negative="english", **_V2_PLAN),
     "mv2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 1.2, 1.25, 1.25, 0.75, negative="english", **_V2_PLAN),
-    # gradio's v2 rv2v values (spec §5.2 notes the scripts' 4.0/0.5/4.5 conflict; gradio is the UI default).
+    # gradio's v2 rv2v values (docs/official_behaviour.md §5.2 notes the scripts' 4.0/0.5/4.5 conflict; gradio is the UI
+    # default).
     "rv2v": _full("rv2v_wapg", 81, 0, 0, 848, 40, 5.5, 1.5, 4.0, 1.75, 0.75, **_V2_PLAN),
     "r2v": _full(_WAPG, 81, 480, 848, 842, 40, 4.5, 1.5, 3.0, 1.0, 0.75, negative="english", **_V2_PLAN),
     "ads2v": _full(_WAPG, 81, 0, 0, 848, 40, 4.0, 1.2, 1.25, 1.25, 0.75, **_V2_PLAN),

@@ -2,7 +2,7 @@
 exact text UMT5 sees, and trimmed / zero-padded embeddings.
 
 Two official code paths build the UMT5 input differently, and both are
-reproduced here (spec bernini.md §3.7, §4.4; OFF: bernini/pipeline.py):
+reproduced here (docs/official_behaviour.md §3.7, §4.4; official ``bernini/pipeline.py``):
 
 * Bernini-R (``BerniniRendererPipeline.__call__``):
   positive = ``system_prompt + prompt_clean(prompt)`` (the system prompt is not
@@ -47,7 +47,7 @@ def _prompt_table() -> dict:
 
 
 def prompt_clean(text: str) -> str:
-    """Wan / Bernini prompt cleaning (wan_qwen.md §3): ftfy, HTML-unescape twice,
+    """Wan / Bernini prompt cleaning (docs/wan_qwen.md §3): ftfy, HTML-unescape twice,
     collapse whitespace, strip."""
     import ftfy  # imported lazily: only needed when a prompt is encoded
 
@@ -58,7 +58,7 @@ def prompt_clean(text: str) -> str:
 
 def renderer_system_prompt(task: str) -> str:
     """The UMT5 system-prompt prefix of a task; unknown tasks get "default"
-    (OFF: prompt_enhancer.get_system_prompt_for_task)."""
+    (official ``bernini/prompt_enhancer.py`` ``get_system_prompt_for_task``)."""
     table = _prompt_table()["renderer_system_prompts"]
     if task != "_about" and task in table:
         return table[task]
@@ -76,7 +76,7 @@ def negative_prompt(kind: str = "default_zh") -> str:
 
 
 def _resolve_system_prompt(task: str, system_prompt: str | None) -> str:
-    # OFF cli.resolve_system_prompt: an explicit, non-empty system prompt wins.
+    # official `bernini/cli.py` `resolve_system_prompt`: an explicit, non-empty system prompt wins.
     return system_prompt if system_prompt else renderer_system_prompt(task)
 
 
@@ -167,7 +167,7 @@ class UMT5TextEncoder:
         ``umt5_xxl_fp8_e4m3fn_scaled.safetensors``).
 
         Key names are transformers' (ComfyUI's T5 module uses them too) or the original Wan
-        ``.pth`` names (wan_qwen.md §3). fp8 weights are dequantised to ``dtype`` ("scaled" files:
+        ``.pth`` names (docs/wan_qwen.md §3). fp8 weights are dequantised to ``dtype`` ("scaled" files:
         ``weight * scale``). The config is read off the tensor shapes. The tokenizer comes from the
         SentencePiece model ComfyUI embeds as a uint8 ``spiece_model`` tensor, unless
         ``tokenizer_dir`` names a tokenizer folder (needed for files without one)."""
@@ -216,7 +216,7 @@ class UMT5TextEncoder:
 
     def tokenize(self, text: str) -> tuple[Tensor, Tensor]:
         """``(input_ids, attention_mask)``, each ``[1, max_length]``, with the
-        official arguments (OFF: pipeline.py ``_tokenize`` / ``_get_t5_text_ids``)."""
+        official arguments (official ``bernini/pipeline.py`` ``_tokenize`` / ``_get_t5_text_ids``)."""
         out = self.tokenizer(
             text,
             padding="max_length",
@@ -253,14 +253,14 @@ class UMT5TextEncoder:
 # google/umt5-xxl's tokenizer = its 256,000-piece SentencePiece model + 300 sentinels <extra_id_299>..<extra_id_0>
 # appended in that order (ids 256000..256299); the embedding has 256,384 rows.
 _UMT5_EXTRA_IDS = 300
-_UMT5_MAX_DISTANCE = 128  # relative_attention_max_distance: not visible in any tensor shape (wan_qwen.md §3)
+_UMT5_MAX_DISTANCE = 128  # relative_attention_max_distance: not visible in any tensor shape (docs/wan_qwen.md §3)
 _FINAL_NORM = "encoder.final_layer_norm.weight"
 _SPIECE_KEY = "spiece_model"
 _GET_UMT5 = ("get umt5_xxl_fp16.safetensors or umt5_xxl_fp8_e4m3fn_scaled.safetensors from "
              "Comfy-Org/Wan_2.1_ComfyUI_repackaged (split_files/text_encoders) into models/text_encoders")
 # Tensors that only qualify an fp8 weight (quant.py): consumed by dequantize_fp8_state, never model weights.
 _QUANT_SIDE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant")
-# Original Wan names (wan/modules/t5.py) -> transformers names inside encoder.block.N (wan_qwen.md §3).
+# Original Wan names (wan/modules/t5.py) -> transformers names inside encoder.block.N (docs/wan_qwen.md §3).
 _WAN_BLOCK_NAMES = {
     "attn.q.weight": "layer.0.SelfAttention.q.weight", "attn.k.weight": "layer.0.SelfAttention.k.weight",
     "attn.v.weight": "layer.0.SelfAttention.v.weight", "attn.o.weight": "layer.0.SelfAttention.o.weight",
@@ -412,7 +412,7 @@ def _tokenizer_from_folder(tokenizer_dir):
 def pad_context(embeds: Sequence[Tensor], min_rows: int = 512) -> Tensor:
     """Stack ``[L_i, D]`` embeddings into ``[B, max(min_rows, max L_i), D]`` with
     zero rows after each one. Never truncates: full-Bernini contexts may exceed
-    512 rows (spec §3.7, §11.4)."""
+    512 rows (docs/official_behaviour.md §3.7, §7.4)."""
     if len(embeds) == 0:
         raise BerniniError("pad_context needs at least one embedding.")
     dims = {e.shape[-1] for e in embeds}

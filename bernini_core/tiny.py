@@ -16,7 +16,7 @@ import torch
 
 from .keymaps.wan_dit import dit_key_to_original
 
-# diffusers WanTransformer3DModel config (transformer/config.json): heads 2 x 24, 2 layers (wan_qwen.md §6).
+# diffusers WanTransformer3DModel config (transformer/config.json): heads 2 x 24, 2 layers (docs/wan_qwen.md §6).
 TINY_DIT = {
     "_class_name": "WanTransformer3DModel",
     "_diffusers_version": "0.35.0",
@@ -123,7 +123,8 @@ TINY_SCHEDULER = {
     "use_karras_sigmas": False,
 }
 
-# Renderer config.json fields of configs/bernini_renderer_wan22 (spec §2.3); the 1.3B variant differs as listed.
+# Renderer config.json fields of the official configs/bernini_renderer_wan22 (docs/official_behaviour.md §2.3); the
+# 1.3B variant differs as listed.
 _RENDERER_CONFIG = {
     "model_type": "bernini_renderer",
     "wan22_base": "ByteDance/Bernini-R-Diffusers",
@@ -152,7 +153,7 @@ def _linear(shapes: Shapes, name: str, out_dim: int, in_dim: int, bias: bool = T
 
 
 def dit_shapes(config: dict) -> Shapes:
-    """diffusers WanTransformer3DModel parameter shapes for a T2V config (wan_qwen.md §1.3)."""
+    """diffusers WanTransformer3DModel parameter shapes for a T2V config (docs/wan_qwen.md §1.3)."""
     if config.get("image_dim") or config.get("added_kv_proj_dim") or config.get("pos_embed_seq_len"):
         raise ValueError("tiny DiT shapes cover the text-to-video Wan DiT only (no image branch)")
     if config.get("qk_norm") not in (None, "rms_norm_across_heads"):
@@ -209,7 +210,7 @@ def _vae_mid(shapes: Shapes, name: str, dim: int) -> None:
 
 
 def vae_shapes(config: dict) -> Shapes:
-    """diffusers AutoencoderKLWan parameter shapes for the Wan 2.1 structure (wan_qwen.md §2)."""
+    """diffusers AutoencoderKLWan parameter shapes for the Wan 2.1 structure (docs/wan_qwen.md §2)."""
     if config.get("is_residual") or config.get("attn_scales"):
         raise ValueError("tiny VAE shapes cover the Wan 2.1 VAE only (no residual blocks, no attn_scales)")
     z, mult, blocks = config["z_dim"], list(config["dim_mult"]), config["num_res_blocks"]
@@ -256,7 +257,7 @@ def vae_shapes(config: dict) -> Shapes:
 
 
 def umt5_shapes(config: dict) -> Shapes:
-    """transformers UMT5EncoderModel parameter shapes (wan_qwen.md §3); the tied embed_tokens is not stored."""
+    """transformers UMT5EncoderModel parameter shapes (docs/wan_qwen.md §3); the tied embed_tokens is not stored."""
     d, inner, heads = config["d_model"], config["num_heads"] * config["d_kv"], config["num_heads"]
     shapes: Shapes = {"shared.weight": (config["vocab_size"], d)}
     for i in range(config["num_layers"]):
@@ -386,7 +387,7 @@ def _write_text_encoder_tokenizer_vae_scheduler(root: Path, seed: int, *, text_e
 
 
 def make_tiny_renderer(out_dir, *, variant: str = "14b", seed: int = 0) -> Path:
-    """A Bernini-R-Diffusers folder (spec §2.3): config.json, transformer/ (2 shards + index),
+    """A Bernini-R-Diffusers folder (docs/official_behaviour.md §2.3): config.json, transformer/ (2 shards + index),
     transformer_2/ (14b only), text_encoder/, tokenizer/, vae/, scheduler/."""
     if variant not in ("14b", "1.3b"):
         raise ValueError(f"variant must be '14b' or '1.3b', got {variant!r}")
@@ -419,7 +420,8 @@ WAN_BASE_DIRNAME = "Wan2.2-T2V-A14B-Diffusers"
 
 
 def make_tiny_split(out_dir, *, seed: int = 0) -> Path:
-    """The ``ByteDance/Bernini-R`` release shape (spec §2.3, §2.4) plus the Wan2.2 -Diffusers base it needs.
+    """The ``ByteDance/Bernini-R`` release shape (docs/official_behaviour.md §2.3, §2.4) plus the Wan2.2 -Diffusers
+    base it needs.
 
     ``bernini_renderer_high/`` and ``bernini_renderer_low/``: sharded ``model-*.safetensors`` +
     ``model.safetensors.index.json`` as ``tools/merge_dcp_to_hf_pt.py`` writes them, holding the UMT5 copy

@@ -1,6 +1,7 @@
-"""A tiny random full-Bernini checkpoint in the exact Bernini-Diffusers(-v2) layout (spec/bernini.md §2.1, §2.2).
+"""A tiny random full-Bernini checkpoint in the exact Bernini-Diffusers(-v2) layout
+(docs/official_behaviour.md §2.1, §2.2).
 
-    config.json                    model_type "bernini", every §2.1 field, tiny clip_diff_cfg / connector_cfg
+    config.json                    model_type "bernini", every field, tiny clip_diff_cfg / connector_cfg
     transformer_config.json        the DiT config (also transformer_2_config.json)
     bernini/                       ONE combined checkpoint: model-0000i-of-0000n.safetensors (F32, 3 shards) +
                                    model.safetensors.index.json, prefixes diff_dec.transformer.,
@@ -9,8 +10,8 @@
     mllm/                          tiny Qwen2.5-VL config, tokenizer, processor (planner/tiny_mllm.py)
     t5_text_encoder/ t5_tokenizer/ vae/ scheduler/
 
-Shapes come from tables written from the spec (independent of our model classes), so a strict load
-checks the classes against the layout. Same seed -> byte-identical files; the UMT5 and VAE weights equal
+Shapes come from tables written from docs/official_behaviour.md §2.1 (independent of our model classes), so a
+strict load checks the classes against the layout. Same seed -> byte-identical files; the UMT5 and VAE weights equal
 those of the tiny Bernini-R layouts (tiny.py) for the same seed.
 """
 
@@ -28,8 +29,9 @@ from .tiny import (TINY_DIT, TINY_UMT5, Shapes, _save_sharded, _write_json, _wri
 V2_DIRNAME = "Bernini-Diffusers-v2"
 COMBINED_SHARDS = 3  # enough that modules straddle shard boundaries, as in the 38-shard release
 
-# The full-Bernini DiT: the source-id RoPE is built with head dim 128 whatever the config says (§11.2), so the
-# tiny DiT is 1 head x 128; text_dim = UMT5 d_model = connector out_dim_for_gen (the context width).
+# The full-Bernini DiT: the source-id RoPE is built with head dim 128 whatever the config says
+# (docs/official_behaviour.md §7.2), so the tiny DiT is 1 head x 128; text_dim = UMT5 d_model = connector
+# out_dim_for_gen (the context width).
 TINY_FULL_DIT = dict(TINY_DIT, num_attention_heads=1, attention_head_dim=128, text_dim=TINY_UMT5["d_model"])
 
 TINY_NUM_MASK_TOKEN = 1024  # [1, 1024, hidden]; bounds the target-token count (check_target_tokens)
@@ -42,10 +44,11 @@ _SALT = {"mllm": 11, "connector": 12, "vit_decoder": 13, "mask_tokens": 14}
 
 # -- config.json ---------------------------------------------------------------------------------
 def full_config(hidden: int, *, version: str = "v1") -> dict:
-    """config.json of Bernini-Diffusers (OFF: configs/bernini/config.json, §2.1) with tiny planner dims.
+    """config.json of Bernini-Diffusers (official ``configs/bernini/config.json``, docs/official_behaviour.md §2.1)
+    with tiny planner dims.
 
-    v2: the same fields (§2.2) plus interpolate_src_id / max_trained_src_id (MLXs: PORTING-SPEC-V2.md) and the
-    v2 repository as base_dir [inferred]."""
+    v2: the same fields plus interpolate_src_id / max_trained_src_id (docs/official_behaviour.md §2.2) and the v2
+    repository as base_dir [inferred]."""
     gen_dim = TINY_UMT5["d_model"]
     config = {
         "model_type": "bernini",
@@ -106,7 +109,8 @@ def qwen_text_and_vision(config: dict) -> tuple:
 
 def qwen_shapes(config: dict) -> Shapes:
     """Qwen2.5-VL parameter shapes in the ORIGINAL checkpoint layout (visual.*, model.*, lm_head.weight) that
-    the ``mllm.`` keys of the combined checkpoint use (§2.1; wan_qwen.md §4: 390 + 338 + 1 tensors at 7B)."""
+    the ``mllm.`` keys of the combined checkpoint use (docs/official_behaviour.md §2.1; docs/wan_qwen.md §4:
+    390 + 338 + 1 tensors at 7B)."""
     text, vision = qwen_text_and_vision(config)
     hidden, heads = text["hidden_size"], text["num_attention_heads"]
     head_dim = text.get("head_dim") or hidden // heads
@@ -149,8 +153,8 @@ def qwen_shapes(config: dict) -> Shapes:
 
 
 def connector_shapes(hidden: int, gen_dim: int, vit_dim: int) -> Shapes:
-    """MLPConnector (§2.1): proj_gen = Linear, GELU, RMSNorm, Linear; pred_vit = Linear, GELU, Linear, RMSNorm,
-    Linear — 12 tensors."""
+    """MLPConnector (docs/official_behaviour.md §2.1): proj_gen = Linear, GELU, RMSNorm, Linear; pred_vit = Linear,
+    GELU, Linear, RMSNorm, Linear — 12 tensors."""
     shapes: Shapes = {}
     _linear(shapes, "proj_gen.0", gen_dim, hidden)
     shapes["proj_gen.2.weight"] = (gen_dim,)
@@ -164,7 +168,8 @@ def connector_shapes(hidden: int, gen_dim: int, vit_dim: int) -> Shapes:
 
 def vit_decoder_shapes(target_channels: int, z_channels: int, width: int, depth: int,
                        frequency_size: int = 256) -> Shapes:
-    """DiffLoss_FM.net = SimpleMLPAdaLN (§2.1, §3.6): 8 + 8·depth + 4 tensors (140 at depth 16)."""
+    """DiffLoss_FM.net = SimpleMLPAdaLN (docs/official_behaviour.md §2.1, §3.6): 8 + 8·depth + 4 tensors (140 at
+    depth 16)."""
     shapes: Shapes = {}
     _linear(shapes, "net.time_embed.mlp.0", width, frequency_size)
     _linear(shapes, "net.time_embed.mlp.2", width, width)
@@ -213,11 +218,12 @@ def tiny_full_state_dict(mllm_config: dict, seed: int = 0) -> Dict[str, torch.Te
         "diff_dec_low.transformer_2.": tiny_dit_state_dict(TINY_FULL_DIT, seed, expert="low", dtype=torch.float32),
         "t5_text_encoder.": {k: v.float() for k, v in tiny_umt5_state_dict(TINY_UMT5, seed).items()},
     }
-    # The release's UMT5 copy also stores the tied embed_tokens (243 = 24 x 10 + 3 tensors, §2.1).
+    # The release's UMT5 copy also stores the tied embed_tokens (243 = 24 x 10 + 3 tensors,
+    # docs/official_behaviour.md §2.1).
     parts["t5_text_encoder."]["encoder.embed_tokens.weight"] = parts["t5_text_encoder."]["shared.weight"].clone()
     state = {prefix + key: value for prefix, tensors in parts.items() for key, value in tensors.items()}
     generator = torch.Generator().manual_seed(seed * 1009 + _SALT["mask_tokens"])
-    # The official initialises the table as randn * 0.01 (OFF: bernini/models/bernini.py).
+    # The official initialises the table as randn * 0.01 (official `bernini/models/bernini.py`).
     state["mask_tokens"] = 0.01 * torch.randn(1, TINY_NUM_MASK_TOKEN, hidden, generator=generator)
     return state
 
@@ -225,7 +231,7 @@ def tiny_full_state_dict(mllm_config: dict, seed: int = 0) -> Dict[str, torch.Te
 # -- writer --------------------------------------------------------------------------------------
 def tiny_bernini_root(out_dir, version: str = "v1") -> Path:
     """Where make_tiny_bernini writes: v2 folders must end with "Bernini-Diffusers-v2" (how the official tells
-    v2 from v1, BD: gradio_demo.py ``_is_bernini_v2_config``)."""
+    v2 from v1, official ``gradio_demo.py`` ``_is_bernini_v2_config``)."""
     if version not in ("v1", "v2"):
         raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
     root = Path(out_dir)

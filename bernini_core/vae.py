@@ -1,6 +1,6 @@
 """The Wan 2.1 video VAE (16 latent channels, x8 space, x4 time): chunked causal encode and decode.
 
-Numerics follow diffusers `AutoencoderKLWan` (= Wan-Video `wan/modules/vae.py`, wan_qwen.md §2), and the
+Numerics follow diffusers `AutoencoderKLWan` (= Wan-Video `wan/modules/vae.py`, docs/wan_qwen.md §2), and the
 parameter names are diffusers' exactly, so a diffusers `vae/` folder loads with strict=True (the original /
 ComfyUI single-file names are mapped by `keymaps.wan_vae`).
 
@@ -24,7 +24,7 @@ from .vae_tiling import TilingConfig, tiled_decode, tiled_encode
 
 CACHE_T = 2  # frames of causal context every conv keeps between chunks (kernel 3 in time)
 
-# Wan 2.1 per-channel latent statistics (wan_qwen.md §2; diffusers vae/config.json).
+# Wan 2.1 per-channel latent statistics (docs/wan_qwen.md §2; diffusers vae/config.json).
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -139,7 +139,7 @@ def _causal(conv: nn.Module, x: torch.Tensor, cache: Optional[CausalCache]) -> t
 
 
 class RMSNorm(nn.Module):
-    """L2-normalise over channels, times sqrt(C) * gamma (no eps term, no bias: wan_qwen.md §2)."""
+    """L2-normalise over channels, times sqrt(C) * gamma (no eps term, no bias: docs/wan_qwen.md §2)."""
 
     def __init__(self, dim: int, spatial_dims: int):
         super().__init__()
@@ -318,10 +318,11 @@ class Decoder(nn.Module):
 class WanVAE(nn.Module):
     """Wan 2.1 VAE. Call under torch.no_grad()/inference_mode(); inputs are cast to `dtype`.
 
-    `encode`/`decode` work on NORMALISED latents ((mu - mean) / std, the renderer's space; bernini.md §4.1),
-    `encode_raw`/`decode_raw` on raw Wan latents (ComfyUI's LATENT convention). Encoding returns the
-    posterior mean, as the official `_vae_encode` does (`latent_dist.mode()`). The official pipelines run the
-    VAE in fp32 (bernini.md §11.3); bf16 works (RMS norms in fp32) at ~1e-2 relative error.
+    `encode`/`decode` work on NORMALISED latents ((mu - mean) / std, the renderer's space;
+    docs/official_behaviour.md §4.1), `encode_raw`/`decode_raw` on raw Wan latents (ComfyUI's LATENT convention).
+    Encoding returns the posterior mean, as the official `_vae_encode` does (`latent_dist.mode()`). The official
+    pipelines run the VAE in fp32 (docs/official_behaviour.md §7.3); bf16 works (RMS norms in fp32) at ~1e-2
+    relative error.
     """
 
     def __init__(self, config: VAEConfig = VAEConfig(), ops=None):
@@ -342,7 +343,8 @@ class WanVAE(nn.Module):
 
     def working_memory(self, height_px: int, width_px: int, tiling=None) -> int:
         """Bytes a chunked encode/decode of frames of this size needs beside the weights. ComfyUI budgets the
-        Wan 2.1 VAE at 7000 · (H/8) · (W/8) · 64 · dtype bytes (wan_qwen.md §2); tiling bounds H and W by a tile."""
+        Wan 2.1 VAE at 7000 · (H/8) · (W/8) · 64 · dtype bytes (docs/wan_qwen.md §2); tiling bounds H and W by a
+        tile."""
         if tiling is not None and tiling.applies_to(height_px, width_px):
             height_px, width_px = min(height_px, tiling.tile_px), min(width_px, tiling.tile_px)
         dtype_bytes = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4

@@ -1,6 +1,6 @@
 """Spatial tiling for the Wan VAE: encode/decode overlapping tiles and blend them linearly.
 
-Same geometry and blend as diffusers `AutoencoderKLWan.enable_tiling()` (wan_qwen.md §2): tiles of
+Same geometry and blend as diffusers `AutoencoderKLWan.enable_tiling()` (docs/wan_qwen.md §2): tiles of
 `tile_px` pixels every `tile_px - overlap_px` pixels (defaults 256 / 192), each tile runs the full chunked
 causal encode/decode over all frames, and a tile is blended into the one above and the one to its left
 over the overlap with linear ramps, the neighbours already blended (so results match diffusers' tiled

@@ -2,7 +2,7 @@
 
 `build(models_dir)` returns fresh module objects and a `Recorder`; tests put the modules into sys.modules for
 the duration of one test and take them out again (other tests assert ComfyUI is absent). Behaviour follows the
-ComfyUI sources cited in spec/comfyui.md §2: ModelPatcher(model, load_device, offload_device, size=0),
+ComfyUI sources cited in docs/node_contract.md §6: ModelPatcher(model, load_device, offload_device, size=0),
 load_models_gpu([patchers]), ProgressBar(total).update_absolute(value, total=None, preview=None),
 InterruptProcessingException(BaseException), folder_paths' registry, comfy.ops layers that cast weights to the
 input's dtype/device when `comfy_cast_weights` is set and, with dynamic VRAM on, leave `weight` None until

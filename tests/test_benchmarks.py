@@ -1,4 +1,4 @@
-"""The benchmark scripts run on the tiny config and their FLOP formula matches the spec's anchor."""
+"""The benchmark scripts run on the tiny config and their FLOP formula matches the anchor of docs/wan_qwen.md §5.1."""
 
 import importlib.util
 from pathlib import Path
@@ -15,7 +15,7 @@ def load(name):
 
 def test_renderer_flops_match_the_spec_anchor():
     bench = load("renderer")
-    # wan_qwen.md §5.1: A14B, 81 frames 480x832 (32,760 tokens), 512 text rows -> 1,678.4 TFLOP per forward.
+    # docs/wan_qwen.md §5.1: A14B, 81 frames 480x832 (32,760 tokens), 512 text rows -> 1,678.4 TFLOP per forward.
     assert abs(bench.forward_flops(bench.WAN22_A14B, 32760, 512) / 1e12 - 1678.3) < 0.5
 
 
@@ -30,8 +30,8 @@ PLANNER_PROMPT = "a red fox runs through fresh snow"
 
 
 def _template_length(tokenizer, system: str, user: str, n_target: int) -> int:
-    """Branch length from the §3.3 layout: "<|im_start|>{role}\\n" + content per message, no <|im_end|>,
-    the target written <|vision_start|> + N pads + <|vision_end|>."""
+    """Branch length from the docs/official_behaviour.md §3.3 layout: "<|im_start|>{role}\\n" + content per message, no
+    <|im_end|>, the target written <|vision_start|> + N pads + <|vision_end|>."""
     def count(text):
         return len(tokenizer.encode(text, add_special_tokens=False))
 
@@ -57,9 +57,9 @@ def test_planner_benchmark_prints_a_table(capsys, tmp_path):
                 "| rendering (DiT denoising)", "| total"):
         assert row in out, row
 
-    # Target tokens (§3.2): Qwen smart resize (round to factor 28, then fit 3136..50176 px) of 64x64 -> 56x56,
-    # a 4x4 patch grid; 5 frames at 16 fps sampled at fps // 8 = 2 -> the 2-frame minimum -> one temporal
-    # patch; 2x2 merge -> 4 tokens.
+    # Target tokens (docs/official_behaviour.md §3.2): Qwen smart resize (round to factor 28, then fit 3136..50176 px)
+    # of 64x64 -> 56x56, a 4x4 patch grid; 5 frames at 16 fps sampled at fps // 8 = 2 -> the 2-frame minimum -> one
+    # temporal patch; 2x2 merge -> 4 tokens.
     h = w = round(64 / 28) * 28
     if h * w < 3136:
         h = w = math.ceil(64 * math.sqrt(3136 / 64 ** 2) / 28) * 28
@@ -68,7 +68,7 @@ def test_planner_benchmark_prints_a_table(capsys, tmp_path):
 
     prompts = json.loads((ROOT / "bernini_core" / "data" / "bernini_prompts.json").read_text(encoding="utf-8"))
     system = prompts["planner_system_prompts"]["t2v"]
-    negative = prompts["negative_prompts"]["default_zh"]  # the v1 t2v preset's negative (§5.1)
+    negative = prompts["negative_prompts"]["default_zh"]  # v1 t2v preset's negative (docs/official_behaviour.md §5.1)
     tokenizer = AutoTokenizer.from_pretrained(write_tiny_mllm_assets(tmp_path / "mllm"))
     expected = {"cond": _template_length(tokenizer, system, PLANNER_PROMPT, n_target),
                 "imgcond": _template_length(tokenizer, system, PLANNER_PROMPT, n_target),  # t2v: no sources to drop
@@ -76,8 +76,9 @@ def test_planner_benchmark_prints_a_table(capsys, tmp_path):
     assert summary["branch_tokens"] == expected
     assert f"| {expected['cond']:,} / {expected['imgcond']:,} / {expected['uncond']:,} tokens |" in out
 
-    # §3.5: 3 forwards per planning step + 2 final. With N = 4 and 2 steps both steps reveal two tokens
-    # (mask_len = floor(4 cos(pi/4)) = 2), so neither can hit the §11.2 "nothing revealed" skip.
+    # docs/official_behaviour.md §3.5: 3 forwards per planning step + 2 final. With N = 4 and 2 steps both steps reveal
+    # two tokens (mask_len = floor(4 cos(pi/4)) = 2), so neither can hit the docs/official_behaviour.md §7.2 "nothing
+    # revealed" skip.
     assert summary["forwards"] == 3 * 2 + 2 and summary["loop_forwards"] == 6 and summary["skipped_steps"] == 0
     assert len(summary["step_seconds"]) == 2 and all(s > 0 for s in summary["step_seconds"])
     assert abs(sum(summary["stage_seconds"].values()) - summary["total_seconds"]) < 1e-9
@@ -92,13 +93,13 @@ def test_planner_flops_match_the_qwen_anchor_and_a_flop_counter():
     from bernini_core.planner.tiny_mllm import tiny_qwen_config
 
     bench = load("planner")
-    # wan_qwen.md §5.1: Qwen2.5-VL-7B prefill ~ 2 * 7.6e9 FLOP per token = 2 x every parameter. Per token the
+    # docs/wan_qwen.md §5.1: Qwen2.5-VL-7B prefill ~ 2 * 7.6e9 FLOP per token = 2 x every parameter. Per token the
     # formula over all 28 layers counts the decoder matmul weights twice; embedding + untied head add 2·V·D.
     cfg = bench.QWEN25_VL_7B_TEXT
     per_token = bench.mllm_forward_flops(cfg, 1, layers=cfg["num_hidden_layers"])
     params = per_token / 2 + 2 * cfg["vocab_size"] * cfg["hidden_size"]
     assert abs(params / 7.6e9 - 1) < 0.01, params
-    # The planner stops before the last layer (hidden_states[-2], §3.1): 27 of 28 layers.
+    # The planner stops before the last layer (hidden_states[-2], docs/official_behaviour.md §3.1): 27 of 28 layers.
     assert bench.mllm_forward_flops(cfg, 1) == per_token * 27 / 28
 
     # Tiny Qwen with eager attention (plain matmuls, which the counter sees): PlannerModel.hidden on L tokens.

@@ -60,7 +60,7 @@ def files(tmp_path_factory):
 
 
 def original_wan_state_dict(num_layers=2, inner=48, ffn=64, text_dim=32, freq=256):
-    """Original Wan module names transcribed from wan_qwen.md §1.3 (independent of our key map)."""
+    """Original Wan module names transcribed from docs/wan_qwen.md §1.3 (independent of our key map)."""
     g = torch.Generator().manual_seed(7)
     shapes = {
         "patch_embedding.weight": (inner, 16, 1, 2, 2), "patch_embedding.bias": (inner,),

@@ -1,5 +1,5 @@
 """`python -m bernini_core generate` with full Bernini (v1 directory, `--config tiny-full-v2`): written files,
-planner flags, error exits (spec/bernini.md §4.8, §5.1, §5.4, §6.1, §6.2, §11.4)."""
+planner flags, error exits (docs/official_behaviour.md §4.8, §5.1, §5.4, §6.1, §6.2, §7.4)."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ from bernini_core.pipeline_full import FullPipeline
 
 SMALL = ["--num_frames", "5", "--max_image_size", "48", "--num_inference_steps", "2", "--device", "cpu"]
 FAST_PLAN = ["--planning_step", "2", "--vit_denoising_step", "1"]
-FULL_MODES = ("vae_txt_vit_wapg", "vae_txt_vit", "rv2v_wapg", "v2v_apg")  # §4.7
+FULL_MODES = ("vae_txt_vit_wapg", "vae_txt_vit", "rv2v_wapg", "v2v_apg")  # docs/official_behaviour.md §4.7
 
 
 @pytest.fixture
@@ -37,7 +37,8 @@ def test_video_task_and_planner_flags(tiny_bernini_v1_dir, media_dir, tmp_path, 
                  "--planning_step", "3", "--vit_denoising_step", "2", "--vit_txt_cfg", "1.5", "--vit_img_cfg", "0.5"])
     assert code == 0
     assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == out
-    # v1 v2v preset: height/width 0 -> the source's size (48x40 -> 48x32, §4.8); 5 frames written at --fps.
+    # v1 v2v preset: height/width 0 -> the source's size (48x40 -> 48x32, docs/official_behaviour.md §4.8); 5 frames
+    # written at --fps.
     assert probe(out) == (5, 32, 48, 12.0)
     assert len(planner_calls) == 1
     call = planner_calls[0]
@@ -54,7 +55,8 @@ def test_image_task_writes_a_png_with_preset_planner_settings(tiny_bernini_v1_di
     written = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert written.suffix == ".png"  # one frame is written as PNG (official save_output)
     assert probe(written) == (1, 32, 48, None)
-    # No planner flags: the §5.1 values (planning 25, ViT 5 steps, cfg 1.2 / 1.0) reach the planner.
+    # No planner flags: the values of docs/official_behaviour.md §5.1 (planning 25, ViT 5 steps, cfg 1.2 / 1.0) reach
+    # the planner.
     call = planner_calls[0]
     assert (call["planning_step"], call["vit_denoising_step"], call["vit_txt_cfg"], call["vit_img_cfg"]) == (25, 5, 1.2, 1.0)
     assert call["seed"] == 42
@@ -70,6 +72,10 @@ def test_tiny_full_v2_through_python_dash_m(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert probe(out) == (5, 32, 32, 16.0)
     assert "full Bernini v2" in result.stderr  # the loader says which release it read
+    # the log reads well: no transformers progress bar, no doubled words, the layout's own folder name
+    for bad in ("Loading weights", "Loading checkpoint shards", "it/s]", "tiny random tiny", "(default (", "Traceback"):
+        assert bad not in result.stderr, result.stderr
+    assert "--config tiny-full-v2: tiny random checkpoint in the Bernini-Diffusers-v2 layout" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -88,7 +94,8 @@ def test_errors_exit_2_with_a_message(tiny_bernini_v1_dir, capsys, extra, fragme
 
 
 def test_split_checkpoints_with_a_full_directory(tiny_bernini_v1_dir, capsys):
-    """§6.1: full Bernini takes no --high_noise_ckpt/--low_noise_ckpt; the error must say so."""
+    """docs/official_behaviour.md §6.1: full Bernini takes no --high_noise_ckpt/--low_noise_ckpt; the error must say
+    so."""
     ckpt = str(Path(tiny_bernini_v1_dir) / "bernini")
     for flags in (["--high_noise_ckpt", ckpt], ["--high_noise_ckpt", ckpt, "--low_noise_ckpt", ckpt]):
         code = main(["generate", "--config", str(tiny_bernini_v1_dir), "--prompt", "a fox", "--task_type", "t2v",

@@ -197,6 +197,12 @@ def test_comfy_ops_cast_weights_and_allocate_parameters_under_dynamic_vram(comfy
     assert linear.weight.shape == (3, 4) and linear.bias.shape == (3,)
     # an fp32 island: .float() input through a bf16 LayerNorm (plain torch refuses the mix on the CPU)
     norm = ops.LayerNorm(8).to(torch.bfloat16)
+    # ComfyUI's layers skip weight init (reset_parameters is a no-op), so weight/bias are torch.empty memory
+    # that can hold NaN (NaN != NaN fails torch.equal at random): give them seeded, non-trivial values.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(8, generator=gen))
+        norm.bias.copy_(0.3 * torch.randn(8, generator=gen))
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError):
         torch.nn.LayerNorm(8).to(torch.bfloat16)(x)

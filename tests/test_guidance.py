@@ -1,6 +1,6 @@
-"""Bernini-R guidance modes vs formulas transcribed from spec/bernini.md §4.7, §11.3, §11.4.
+"""Bernini-R guidance modes vs formulas transcribed from docs/official_behaviour.md §4.7, §7.3, §7.4.
 
-The references below are written from the spec text with explicit per-frame loops;
+The references below are written from that text with explicit per-frame loops;
 they do not call the module's helpers.
 """
 
@@ -39,7 +39,7 @@ def random_sample(seed):
 # Reference transcriptions
 # --------------------------------------------------------------------------- #
 def ref_plain(mode, e, w):
-    """§4.7 table, plain CFG rows."""
+    """docs/official_behaviour.md §4.7 table, plain CFG rows."""
     n, np_, v, vi, vip = (e[A["none/neg"]], e[A["none/pos"]], e[A["V/neg"]], e[A["VI/neg"]], e[A["VI/pos"]])
     if mode == "rv2v":
         return n + w.vid * (v - n) + w.img * (vi - v) + w.txt * (vip - vi)
@@ -53,7 +53,7 @@ def ref_plain(mode, e, w):
 
 
 class RefAPG:
-    """APG paragraph of §4.7, frame by frame: x̂ = x_t − σ·ε; diff = x̂_cond − x̂_prev;
+    """APG paragraph of docs/official_behaviour.md §4.7, frame by frame: x̂ = x_t − σ·ε; diff = x̂_cond − x̂_prev;
     r ← diff + momentum·r; if thr > 0: diff ·= min(1, thr/‖diff‖_frame); project on
     unit(x̂_cond) per frame in float64: diff_⊥ + η·diff_∥; x̂ = x̂_base + Σ scale·result;
     ε̂ = (x_t − x̂)/σ."""
@@ -95,7 +95,12 @@ def apg_chain_for(mode, e, w):
     raise AssertionError(mode)
 
 
-def assert_close_rel(actual, expected, tol=2e-6):
+def assert_close_rel(actual, expected, tol=1e-5):
+    """Why 1e-5: the float32 APG path is ~12 roundings deep (σ·ε, x-space differences, per-frame norms, the
+    projection cast back from float64, scale·δ, x → ε) with intermediates up to ~3x max|out|: worst case
+    ~12·3·2^-24 ≈ 2e-6 of max|out|. Measured ≤ 9.5e-8 on these seeds (threads 1-4, ATEN_CPU_CAPABILITY
+    default/avx2/avx512) but up to 4.7e-7 over 1800 random draws, too close to the former 2e-6; a wrong η,
+    threshold, momentum or scale is off by O(1)."""
     err = ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
     assert err <= tol, err
 
@@ -109,7 +114,7 @@ def test_plain_modes_match_spec(mode, dtype):
     eps = random_arms(1, dtype)
     guidance = RendererGuidance(mode)
     out = guidance.combine(eps, OMEGAS, sample=random_sample(1), sigma=0.7)
-    assert out.dtype == dtype  # §11.3: plain CFG modes stay in the arms' dtype
+    assert out.dtype == dtype  # docs/official_behaviour.md §7.3: plain CFG modes stay in the arms' dtype
     assert torch.equal(out, ref_plain(mode, eps, OMEGAS))
     # only the listed arms are read
     only = {arm: eps[arm] for arm in guidance.arms(OMEGAS)}
@@ -221,7 +226,7 @@ def test_apg_eta_changes_parallel_part():
 
 
 def test_apg_bf16_arms_give_float32():
-    """§11.3: APG modes return float32; σ·ε is formed in the arm dtype (the official
+    """docs/official_behaviour.md §7.3: APG modes return float32; σ·ε is formed in the arm dtype (the official
     multiplies a float32 CPU scalar σ by the bf16 arm) and the rest runs in float32."""
     eps = random_arms(70, torch.bfloat16)
     sample, sigma = random_sample(70), 0.75
@@ -241,7 +246,7 @@ def test_apg_rejects_zero_sigma():
 # --------------------------------------------------------------------------- #
 # Arms, omegas, modes
 # --------------------------------------------------------------------------- #
-EXPECTED_ARMS = {  # §11.4 call order
+EXPECTED_ARMS = {  # docs/official_behaviour.md §7.4 call order
     "rv2v": ["none/neg", "V/neg", "VI/neg", "VI/pos"],
     "v2v": ["VI/neg", "VI/pos"],
     "v2v_chain": ["none/neg", "V/neg", "VI/pos"],
@@ -288,7 +293,8 @@ def test_apg_config_defaults():
 
 
 def test_flat_project_matches_spec():
-    """§4.7 full Bernini: P(δ, ref) = 0.2·δ_∥ + 1.0·δ_⊥ over the whole flattened tensor per batch."""
+    """docs/official_behaviour.md §4.7 full Bernini: P(δ, ref) = 0.2·δ_∥ + 1.0·δ_⊥ over the whole flattened tensor per
+    batch."""
     gen = torch.Generator().manual_seed(80)
     delta, ref = torch.randn((2,) + SHAPE[1:], generator=gen), torch.randn((2,) + SHAPE[1:], generator=gen)
     out = flat_project(delta, ref)

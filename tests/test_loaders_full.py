@@ -2,7 +2,7 @@
 
 References: the raw safetensors read directly (json index + safe_open), transformers' own
 Qwen2_5_VLForConditionalGeneration.from_pretrained on the original-layout ``mllm.`` tensors, a freshly
-built Qwen model for the rotary buffers, and the tensor counts / dtypes of spec/bernini.md §2.1 and §11.3.
+built Qwen model for the rotary buffers, and the tensor counts / dtypes of docs/official_behaviour.md §2.1 and §7.3.
 """
 
 import json
@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-# Every config.json field of Bernini-Diffusers (spec §2.1).
+# Every config.json field of Bernini-Diffusers (docs/official_behaviour.md §2.1).
 SPEC_FIELDS = (
     "model_type architectures mllm_attn_implementation partial_pretrain_model base_dir vae_subfolder cotrain "
     "boundary_ratio switch_dit_boundary shift logit_mean logit_std mode_scale scratch transformers_version "
@@ -91,7 +91,7 @@ def test_tiny_layout_matches_the_release(tiny_root):
     assert not any(k.startswith("ema.") for k in raw)
     prefixes = [p for p in COMPONENT_PREFIXES.values() if p != "mask_tokens"]
     assert all(k == "mask_tokens" or k.startswith(tuple(prefixes)) for k in raw)
-    # Tensor counts of the tiny modules by the §2.1 composition rules.
+    # Tensor counts of the tiny modules by the docs/official_behaviour.md §2.1 composition rules.
     assert len(under(raw, "diff_dec.transformer.")) == len(under(raw, "diff_dec_low.transformer_2.")) == 15 + 27 * 2
     assert len(under(raw, "connector.")) == 12 and len(under(raw, "vit_decoder.")) == 8 + 8 * 2 + 4
     assert len(under(raw, "t5_text_encoder.")) == 10 * TINY_UMT5["num_layers"] + 3
@@ -99,7 +99,8 @@ def test_tiny_layout_matches_the_release(tiny_root):
 
 
 def test_shape_tables_give_the_release_tensor_counts():
-    """At the released sizes the tables reproduce §2.1's counts (MLXc): 1095 per DiT, 729 mllm, 140, 12."""
+    """At the released sizes the tables reproduce the counts of docs/official_behaviour.md §2.1: 1095 per DiT,
+    729 mllm, 140, 12."""
     a14b = dict(TINY_DIT, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096)
     assert len(dit_shapes(a14b)) == 1095
     qwen7b = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
@@ -223,8 +224,8 @@ def test_qwen_equals_transformers_own_loading(tiny_root, loaded, tmp_path):
 
 
 def test_dtypes_follow_the_official_loaders(loaded):
-    """§11.3: Qwen, UMT5 and both DiTs entirely bf16 (no fp32 islands); connector / ViT decoder / mask_tokens
-    fp32; VAE fp32."""
+    """docs/official_behaviour.md §7.3: Qwen, UMT5 and both DiTs entirely bf16 (no fp32 islands); connector / ViT
+    decoder / mask_tokens fp32; VAE fp32."""
     assert {p.dtype for p in loaded.planner.mllm.parameters()} == {torch.bfloat16}
     for dit in (loaded.dit_high, loaded.dit_low):
         assert {p.dtype for p in dit.parameters()} == {torch.bfloat16}
@@ -276,7 +277,7 @@ def test_component_paths_honour_the_config(tmp_path):
     assert paths.mllm == paths.processor == tmp_path / "root" / "qwen"  # processor_subfolder defaults to mllm's
     assert paths.t5_tokenizer == tmp_path / "root" / "tok" and paths.checkpoint == tmp_path / "root" / "weights"
     assert paths.vae == tmp_path / "wan_vae"  # an existing official vae_model_path wins over the folder
-    assert paths.t5_encoder == tmp_path / "root" / "t5_text_encoder"  # §2.1 default name
+    assert paths.t5_encoder == tmp_path / "root" / "t5_text_encoder"  # docs/official_behaviour.md §2.1 default name
     assert paths.transformer_2_config == tmp_path / "root" / "transformer_2_config.json"
 
 

@@ -1,4 +1,4 @@
-"""The MaskGIT planning loop (spec bernini.md §3.5, §3.7, §11.1 items 2–3, §11.2).
+"""The MaskGIT planning loop (docs/official_behaviour.md §3.5, §3.7, §7.1 items 2–3, §7.2).
 
 References: a literal transcription of the official ``sample_vit_embed`` loop written here (torch mask
 tensors, scatter / xor, the ``nonzero().sum() == 0`` skip, all three forwards every step through the top-level
@@ -18,7 +18,7 @@ from bernini_core.planner.maskgit import PlannerContexts, mask_lengths, mask_sch
 from bernini_core.planner.model import PlannerModel
 
 HIDDEN, VIT_DIM, GEN_DIM = 64, 64, 48
-DTYPE = torch.bfloat16  # the official planning dtype (§11.3)
+DTYPE = torch.bfloat16  # the official planning dtype (docs/official_behaviour.md §7.3)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -52,7 +52,7 @@ def model():
 
 def make_branch(name, *, n_text, n_inputs, n_targets, seed):
     """Text, then visual inputs, then the target block and one closing token; causal mask, with the target
-    block bidirectional (§3.3); simple M-RoPE ids."""
+    block bidirectional (docs/official_behaviour.md §3.3); simple M-RoPE ids."""
     gen = torch.Generator().manual_seed(seed)
     length = n_text + n_inputs + n_targets + 1
     vin = torch.zeros(length, dtype=torch.bool)
@@ -187,7 +187,8 @@ def test_mask_lengths_hand_values():
 
 def test_mask_schedule_identity_order_hand_values():
     assert mask_schedule(8, 4) == [[7], [5, 6], [3, 4], [0, 1, 2]]
-    # the last step predicts every token still masked; here that is {0} -> skipped (§11.2 quirk)
+    # the last step predicts every token still masked; here that is {0} -> skipped (docs/official_behaviour.md §7.2
+    # quirk)
     assert mask_schedule(2, 3) == [[1], [], []]
     assert mask_schedule(1, 4) == [[], [], [], []]  # N = 1: the only token is 0, never predicted
     assert mask_schedule(5, 1) == [[0, 1, 2, 3, 4]]
@@ -295,7 +296,7 @@ def test_rng_consumption(model, monkeypatch):
     np.random.seed(21)
     torch.manual_seed(21)
     order = np.arange(n)
-    np.random.shuffle(order)  # one shuffle (§11.1 item 2)
+    np.random.shuffle(order)  # one shuffle (docs/official_behaviour.md §7.1 item 2)
     expected = [torch.randn(len(p), VIT_DIM) for p in mask_schedule(n, steps, order) if p]  # item 3
     assert np.random.random() == numpy_after
     assert torch.equal(torch.randn(3), torch_after)

@@ -1,4 +1,4 @@
-"""Source preprocessing and output writing (spec bernini.md §4.8, §11.4).
+"""Source preprocessing and output writing (docs/official_behaviour.md §4.8, §7.4).
 
 Expected sizes / counts / indices are hand-computed from the official
 data_utils.py formulas; pixel references are built here with PyAV and PIL

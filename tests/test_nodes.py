@@ -1,7 +1,7 @@
 """The node declarations: the pack registers exactly the contract's seven nodes, and every INPUT_TYPES() is valid
 /object_info input (known types, sane COMBOs and ranges, tooltips) in the contract's widget order.
 
-The expected table below is transcribed from the node contract (briefs/node_contract.md), independently of the
+The expected table below is transcribed from the node contract (docs/node_contract.md), independently of the
 node modules.
 """
 

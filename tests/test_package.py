@@ -1,9 +1,14 @@
 """Packaging: the pack imports like ComfyUI imports it, without ComfyUI; metadata for Manager and the Registry."""
 
 import importlib.util
+import runpy
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the test extra installs tomli
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +40,9 @@ def test_pyproject_metadata():
     assert torch_deps and all("==" not in d for d in torch_deps)  # never a pin that pulls CUDA wheels
     assert {"pytest", "diffusers"} <= {d.split(">")[0].split("=")[0] for d in project["optional-dependencies"]["test"]}
     assert "Repository" in project["urls"]
-    assert any(d.startswith("comfyui-frontend-package>=") for d in project["dependencies"])  # Registry frontend range
+    # The frontend (120 MB of web assets ComfyUI brings itself) is never pulled by an install of this package ...
+    assert not any(d.startswith("comfyui-frontend-package") for d in project["dependencies"])
+    assert project["optional-dependencies"]["comfyui"] == ["comfyui-frontend-package>=1.20.0"]
     assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"]
     assert comfy["requires-comfyui"].startswith(">=0.")
 
@@ -52,3 +59,21 @@ def test_readme_names_the_two_commands_and_ci_runs_the_test_command():
     assert "python -m bernini_core generate --config tiny" in readme
     assert "<!-- test-command -->" in readme
     assert "README.md" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_registry_publish_job_declares_the_frontend_range():
+    # ... but the Registry reads the range from [project].dependencies: the publish job moves it there.
+    tool = runpy.run_path(str(ROOT / "docs" / "dev" / "registry_pyproject.py"))
+    text = (ROOT / "pyproject.toml").read_text()
+    published = tomllib.loads(tool["for_registry"](text))
+    frontend = [d for d in published["project"]["dependencies"] if d.startswith("comfyui-frontend-package")]
+    assert frontend == ["comfyui-frontend-package>=1.20.0"]
+    # comfy-cli keeps the part after the name only when every comma-separated part matches its pattern
+    assert all(tool["REGISTRY_VERSION_PART"].match(p) for p in frontend[0].removeprefix("comfyui-frontend-package").split(","))
+    assert not tool["REGISTRY_VERSION_PART"].match(">=1.20; extra == 'comfyui'")  # the pattern can fail
+    unchanged = tomllib.loads(text)
+    published["project"]["dependencies"].remove(frontend[0])
+    assert published == unchanged  # nothing else changes
+    assert tool["for_registry"](tool["for_registry"](text)) == tool["for_registry"](text)
+    workflow = (ROOT / ".github" / "workflows" / "publish.yml").read_text()
+    assert "docs/dev/registry_pyproject.py" in workflow and "publish-node-action" in workflow

@@ -1,8 +1,8 @@
 """Full Bernini (v1 and v2) end to end on the tiny checkpoints: every task, seeds, the random-number protocol,
-the renderer contexts, source ids and token order, presets, and bad input (spec/bernini.md §3.4–§3.7, §4.7,
-§4.8, §5.1, §5.2, §11.1, §11.4).
+the renderer contexts, source ids and token order, presets, and bad input
+(docs/official_behaviour.md §3.4–§3.7, §4.7, §4.8, §5.1, §5.2, §7.1, §7.4).
 
-Expected values are derived by hand from the spec (sizes, token counts) or transcribed from its formulas (the
+Expected values are derived by hand from that document (sizes, token counts) or transcribed from its formulas (the
 MaskGIT schedule, the template lengths, the RNG sequence), never read back from the engine.
 """
 
@@ -26,7 +26,7 @@ SMALL = dict(num_frames=5, height=32, width=32, max_image_size=48, num_inference
 PLAN = dict(planning_step=2, vit_denoising_step=1, vit_txt_cfg=1.2, vit_img_cfg=1.0)
 TASKS = ("t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v")
 VIDEO_EDIT_TASKS = ("v2v", "mv2v", "rv2v", "ads2v")  # a source video fixes the size when height/width are 0
-FULL_MODES = ("vae_txt_vit_wapg", "vae_txt_vit", "rv2v_wapg", "v2v_apg")  # §4.7 full-Bernini modes
+FULL_MODES = ("vae_txt_vit_wapg", "vae_txt_vit", "rv2v_wapg", "v2v_apg")  # docs/official_behaviour.md §4.7
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "bernini_core" / "data" / "bernini_prompts.json"
 
 
@@ -70,7 +70,7 @@ def test_every_task_runs(pipes, media_dir, version, task):
     assert isinstance(pipe, FullPipeline) and pipe.version == version
     settings = dict(SMALL)
     if task in VIDEO_EDIT_TASKS:
-        settings.update(height=0, width=0)  # the presets' "source" size (§4.8)
+        settings.update(height=0, width=0)  # the presets' "source" size (docs/official_behaviour.md §4.8)
     out = pipe(task, "a small red fox", **sources_for(task, media_dir), **settings)
     frames = out.frames
     assert frames.dtype == torch.float32 and frames.ndim == 4 and frames.shape[-1] == 3
@@ -85,12 +85,12 @@ def test_every_task_runs(pipes, media_dir, version, task):
     else:
         assert frames.shape[1:3] == (32, 32)  # height/width > 0 win
     assert out.latents.shape == (1, 16, (frames.shape[0] - 1) // 4 + 1, frames.shape[1] // 8, frames.shape[2] // 8)
-    # §5.1 / §5.2: rv2v uses rv2v_wapg, every other task vae_txt_vit_wapg (v1 and v2).
+    # docs/official_behaviour.md §5.1 / §5.2: rv2v uses rv2v_wapg, every other task vae_txt_vit_wapg (v1 and v2).
     assert out.settings["guidance_mode"] == ("rv2v_wapg" if task == "rv2v" else "vae_txt_vit_wapg")
 
 
 def test_output_geometry_rules(pipe_v1, media_dir):
-    """§4.8 with numbers that tell the rules apart."""
+    """docs/official_behaviour.md §4.8 with numbers that tell the rules apart."""
     ref_video = str(media_dir / "reference.mp4")  # 9 frames at 16 fps, 32x32
     # num_frames 13 but the clip holds 9 frames at 16 fps -> latent T 3 -> min(13, 1 + 4*2) = 9 frames. Size:
     # 32x32 with short edge >= 240 capped at 48 -> 48x48 -> latent 6x6 -> 48x48 px.
@@ -129,13 +129,14 @@ def test_prompt_changes_the_plan(pipe_v1):
         a, b = fox.contexts[name], whale.contexts[name]
         assert a.shape != b.shape or (a.float() - b.float()).abs().max() > 0, name
     # wotxt_wovit = T5(negative) + the uncond branch without its target: the prompt never reaches it (text
-    # tokens do not attend to target tokens, §3.3), so it is bit-identical.
+    # tokens do not attend to target tokens, docs/official_behaviour.md §3.3), so it is bit-identical.
     assert torch.equal(fox.contexts["wotxt_wovit"], whale.contexts["wotxt_wovit"])
 
 
-# ------------------------------------------------------------------ 3. random-number protocol (§11.1)
+# ---------------------------------------------- 3. random-number protocol (docs/official_behaviour.md §7.1)
 def official_reveal_counts(order, steps):
-    """§3.5 / §11.2 transcribed: per planning step, how many tokens the ViT decoder samples (0 = no draw)."""
+    """docs/official_behaviour.md §3.5 / §7.2 transcribed: per planning step, how many tokens the ViT decoder
+    samples (0 = no draw)."""
     n = len(order)
     masked = np.ones(n, dtype=bool)
     counts = []
@@ -222,14 +223,16 @@ def test_renderer_noise_ignores_the_global_generator(pipe_v1, monkeypatch):
             seed_everything(global_seed)
         results.append(pipe_v1.sample(plan, sources, settings))
     assert torch.equal(results[0], results[1])
-    # §11.1 item 4: a CPU generator of its own seeded with `seed`, float32 [1, 16, T, H/8, W/8].
+    # docs/official_behaviour.md §7.1 item 4: a CPU generator of its own seeded with `seed`, float32
+    # [1, 16, T, H/8, W/8].
     expected = torch.randn((1, 16, 2, 4, 4), generator=torch.Generator("cpu").manual_seed(11), dtype=torch.float32)
     assert torch.equal(first_targets[0].float(), expected.to(first_targets[0].dtype).float())
 
 
-# ------------------------------------------------------------------ 4. contexts (§3.7)
+# ---------------------------------------------------------------- 4. contexts (docs/official_behaviour.md §3.7)
 def reference_t5_rows(pipe, text):
-    """UMT5 features of `text`, tokenised to 512 with truncation and cut to the true length (§3.7, §4.4)."""
+    """UMT5 features of `text`, tokenised to 512 with truncation and cut to the true length
+    (docs/official_behaviour.md §3.7, §4.4)."""
     encoder = pipe.components.text_encoder
     batch = encoder.tokenizer(text, padding="max_length", max_length=512, truncation=True,
                               add_special_tokens=True, return_tensors="pt")
@@ -239,9 +242,9 @@ def reference_t5_rows(pipe, text):
 
 
 def template_length(pipe, task, user_text, n_target):
-    """Tokens of one planner branch without sources (§11.2): system, user and assistant messages, each
-    `<|im_start|>{role}\\n` + stripped content, no `<|im_end|>`; the assistant holds vision_start, N pads,
-    vision_end."""
+    """Tokens of one planner branch without sources (docs/official_behaviour.md §7.2): system, user and assistant
+    messages, each `<|im_start|>{role}\\n` + stripped content, no `<|im_end|>`; the assistant holds vision_start, N
+    pads, vision_end."""
     tokenizer = pipe.components.tokenizer
     planner_prompts = prompt_table()["planner_system_prompts"]
     system = planner_prompts.get(task, planner_prompts["default"])
@@ -293,7 +296,7 @@ def test_contexts_layout(pipe_v1, neg):
     assert torch.equal(plan.contexts["wotxt_wvit"][0, n_neg: n_neg + n], full[cond - 1 - n: cond - 1])
 
 
-# ------------------------------------------------------------------ 5. source ids and token order (§4.2, §4.3)
+# ---------------------------------------- 5. source ids and token order (docs/official_behaviour.md §4.2, §4.3)
 def record_dit_calls(pipe, monkeypatch, stop_after=None):
     calls = []
 
@@ -352,7 +355,7 @@ def test_rv2v_source_ids_token_order_and_arms(pipe_v1, media_dir, monkeypatch):
     arms = [(tuple(streams(c)), tuple(c["ids"]), context_name(c)) for c in calls]
     all_sources = (("img0", "img1", "video"), (2.0, 3.0, 1.0, 0.0))  # images, videos, target; video id 1
     per_step = [
-        (*all_sources, "wtxt_wvit"),  # ε_full first (§11.4)
+        (*all_sources, "wtxt_wvit"),  # ε_full first (docs/official_behaviour.md §7.4)
         ((), (0.0,), "wotxt_wovit"),  # base: target only
         (("video",), (1.0, 0.0), "wotxt_wovit"),  # ε_V
         (*all_sources, "wotxt_wovit"),  # ε_VI
@@ -373,7 +376,7 @@ def test_more_than_five_sources_use_float32_linspace_ids(pipe_v1, media_dir, mon
     assert ids[0] != 1.8  # not the exact decimal
 
 
-# ------------------------------------------------------------------ 6. presets (§5.1, §5.2)
+# ---------------------------------------------------------- 6. presets (docs/official_behaviour.md §5.1, §5.2)
 def _row(mode, frames, height, width, max_img, steps, txt, tgt, img, vid, scale):
     return dict(guidance_mode=mode, num_frames=frames, height=height, width=width, max_image_size=max_img,
                 num_inference_steps=steps, omega_txt=txt, omega_tgt=tgt, omega_img=img, omega_vid=vid,
@@ -381,7 +384,8 @@ def _row(mode, frames, height, width, max_img, steps, txt, tgt, img, vid, scale)
 
 
 W = "vae_txt_vit_wapg"
-# §5.1 (scripts; "source" size = 0x0); ads2v has no v1 script: gradio's v1 table (40 steps, 848, 480x848 base).
+# docs/official_behaviour.md §5.1 (scripts; "source" size = 0x0); ads2v has no v1 script: gradio's v1 table (40 steps,
+# 848, 480x848 base).
 SPEC_V1 = {
     "t2i": _row(W, 1, 512, 512, 842, 50, 4.0, 0.5, 1.0, 1.0, 1.0),
     "i2i": _row(W, 1, 512, 512, 842, 40, 4.0, 0.5, 1.25, 1.25, 0.75),
@@ -393,9 +397,10 @@ SPEC_V1 = {
     "ads2v": _row(W, 81, 480, 848, 848, 40, 4.0, 0.5, 1.25, 1.25, 0.75),
 }
 SPEC_V1_PLANNER = dict(planning_step=25, vit_denoising_step=5, vit_txt_cfg=1.2, vit_img_cfg=1.0)
-V1_ENGLISH = {"v2v", "mv2v"}  # run_v2v.sh (the §5.1 row "v2v (+mv2v)")
+V1_ENGLISH = {"v2v", "mv2v"}  # run_v2v.sh (the docs/official_behaviour.md §5.1 row "v2v (+mv2v)")
 
-# §5.2 (gradio v2 table): steps, ω_vid, ω_img, ω_txt, ω_tgt, ω_scale, planning, vit_denoise, size, max_image_size.
+# docs/official_behaviour.md §5.2 (gradio v2 table): steps, ω_vid, ω_img, ω_txt, ω_tgt, ω_scale, planning, vit_denoise,
+# size, max_image_size.
 SPEC_V2 = {
     "t2i": (W, 50, 1.0, 1.0, 4.0, 0.5, 1.0, 25, 5, (512, 512), 842),
     "i2i": (W, 40, 1.25, 1.25, 4.0, 0.5, 0.75, 25, 5, (512, 512), 842),
@@ -501,8 +506,8 @@ def test_renderer_only_directory_is_not_full_bernini(tiny_renderer_dir):
 
 
 def test_full_directory_with_split_checkpoints_is_rejected(tiny_bernini_v1_dir):
-    """§6.1: a model_type "bernini" folder takes no --high/--low_noise_ckpt; the message must say so (not send
-    the user looking for a Wan2.2 base folder)."""
+    """docs/official_behaviour.md §6.1: a model_type "bernini" folder takes no --high/--low_noise_ckpt; the message must
+    say so (not send the user looking for a Wan2.2 base folder)."""
     ckpt = str(Path(tiny_bernini_v1_dir) / "bernini")
     with pytest.raises(BerniniError, match="high_noise_ckpt") as info:
         FullPipeline.from_pretrained(tiny_bernini_v1_dir, device="cpu", high_noise_ckpt=ckpt)
@@ -526,7 +531,8 @@ def test_seed_outside_numpy_range_is_a_clear_error(pipe_v1):
 
 
 def test_v1_mv2v_uses_the_system_prompt_run_v2v_sh_passes(pipe_v1):
-    """scripts/bernini/run_v2v.sh runs the mv2v case with --system_prompt '...video editing.' (§5.1)."""
+    """scripts/bernini/run_v2v.sh runs the mv2v case with --system_prompt '...video editing.'
+    (docs/official_behaviour.md §5.1)."""
     mv2v = pipe_v1.encode_prompt("mv2v", "make it dance", system_prompt=pipe_v1.default_settings("mv2v")["system_prompt"])
     assert mv2v.positive_text.startswith("You are a helpful assistant specialized in video editing.")
     assert "system_prompt" not in pipe_v1.default_settings("t2v")

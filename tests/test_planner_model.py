@@ -1,8 +1,8 @@
 """Planner model pieces: connector, ViT decoder (net + flow-matching sampler), Qwen wrapper.
 
-References: the §2.1 key names written out by hand; the §3.6 sampler and the official module formulas
-transcribed here with plain torch.nn.functional ops (bf16 rounding per operation where the official code
-runs in bf16); transformers' own Qwen2.5-VL forward (``output_hidden_states``) and ``get_image_features``.
+References: the docs/official_behaviour.md §2.1 key names written out by hand; the §3.6 sampler and the official module
+formulas transcribed here with plain torch.nn.functional ops (bf16 rounding per operation where the official code runs
+in bf16); transformers' own Qwen2.5-VL forward (``output_hidden_states``) and ``get_image_features``.
 """
 
 import math
@@ -66,7 +66,8 @@ def ref_connector(conn, h, which):
 
 
 def ref_net(dec, x, t, c):
-    """SimpleMLPAdaLN transcribed from §3.6 with F ops (same operation order as the official modules)."""
+    """SimpleMLPAdaLN transcribed from docs/official_behaviour.md §3.6 with F ops (same operation order as the official
+    modules)."""
     p = dict(dec.named_parameters())
     lin = lambda v, k: F.linear(v, p[k + ".weight"], p[k + ".bias"])
     half = 128
@@ -91,10 +92,10 @@ def ref_net(dec, x, t, c):
 
 
 def ref_sigmas(steps):
-    """§3.6 + §11.2 in bf16: torch's bf16 linspace (start/end/step rounded to bf16, value = start + step·i
-    for the first half, end − step·(n−1−i) for the rest, rounded per operation), then σ' = 2σ/(1+σ) and
-    t = 1000σ', every operation rounded to bf16. (torch's vectorised CPU kernel departs from this scalar
-    rule for some counts — 11, 22, ... — so only counts it agrees on are used here.)"""
+    """docs/official_behaviour.md §3.6 + §7.2 in bf16: torch's bf16 linspace (start/end/step rounded to bf16,
+    value = start + step·i for the first half, end − step·(n−1−i) for the rest, rounded per operation), then
+    σ' = 2σ/(1+σ) and t = 1000σ', every operation rounded to bf16. (torch's vectorised CPU kernel departs from this
+    scalar rule for some counts — 11, 22, ... — so only counts it agrees on are used here.)"""
     r = lambda v: float(torch.tensor(v, dtype=torch.float64).to(torch.bfloat16))
     points = steps + 1
     start, end = r(1.0), r(0.003 / 1.002)
@@ -105,7 +106,8 @@ def ref_sigmas(steps):
 
 
 def ref_sample(dec, zc, zu, zi, txt, img, steps, noise):
-    """§3.6 sampler: Euler over bf16 sigmas, velocity prediction, 3/2/1-way CFG, σ_next = 0 at the end."""
+    """docs/official_behaviour.md §3.6 sampler: Euler over bf16 sigmas, velocity prediction, 3/2/1-way CFG, σ_next = 0
+    at the end."""
     mode = 3 if (img is not None and txt > 1) else (2 if txt > 1 else 1)
     z = torch.cat([zc, zu, zi][:mode])
     sig, ts = ref_sigmas(steps)
@@ -127,7 +129,8 @@ def ref_sample(dec, zc, zu, zi, txt, img, steps, noise):
 
 
 def decoder_keys(depth):
-    """The `vit_decoder.` keys of §2.1 (prefix stripped), written out from the spec's list."""
+    """The `vit_decoder.` keys of docs/official_behaviour.md §2.1 (prefix stripped), written out from that
+    list."""
     keys = {f"net.{m}.{w}" for m in ("time_embed.mlp.0", "time_embed.mlp.2", "cond_embed", "input_proj",
                                     "final_layer.linear", "final_layer.adaLN_modulation.1") for w in ("weight", "bias")}
     for i in range(depth):
@@ -210,7 +213,7 @@ def test_connector_matches_transcription(dtype):
 # --------------------------------------------------------------------------- ViT decoder
 
 def test_decoder_loads_official_key_names_strictly():
-    full = ViTDecoder(device="meta")  # 3584 / 4096 / depth 16 defaults of config.json (§2.1)
+    full = ViTDecoder(device="meta")  # 3584 / 4096 / depth 16 defaults of config.json (docs/official_behaviour.md §2.1)
     keys = set(full.state_dict())
     assert keys == decoder_keys(16) and len(keys) == 140
     shapes = {k: tuple(v.shape) for k, v in full.state_dict().items()}
@@ -281,7 +284,7 @@ def test_one_step_sample_is_noise_minus_velocity(decoder):
     noise = torch.randn(3, 24)
     out = decoder.sample(zc, None, None, txt_cfg=1.0, img_cfg=None, steps=1, noise=noise)
     v = decoder.net(noise, torch.tensor([1000.0]), zc)
-    torch.testing.assert_close(out, noise - v, rtol=0, atol=1e-6)
+    assert torch.equal(out, noise - v)  # σ 1 → 0: x + v·(0 − 1) is exactly x − v, the same net call gives v
 
 
 def test_guidance_modes_differ(decoder):
@@ -304,7 +307,7 @@ def test_sampler_rejects_bad_noise_and_steps(decoder):
 
 def test_build_dtypes_and_prepare_heads():
     model = PlannerModel.build(tiny_qwen_config(), num_mask_tokens=8, gen_dim=48, decoder_width=32, decoder_depth=2)
-    assert model.mllm.dtype == torch.bfloat16  # Qwen in the run dtype at load (§11.3)
+    assert model.mllm.dtype == torch.bfloat16  # Qwen in the run dtype at load (docs/official_behaviour.md §7.3)
     assert all(p.dtype == torch.float32 for m in (model.connector, model.vit_decoder) for p in m.parameters())
     assert model.mask_tokens.dtype == torch.float32 and model.mask_tokens.shape == (1, 8, HIDDEN)
     assert set(k for k in model.state_dict() if not k.startswith("mllm.")) == (

@@ -1,6 +1,6 @@
 """Planner chat template (bernini_core.planner.template) and the tiny Qwen2.5-VL assets
-(planner/tiny_mllm.py): token layout per task, token types / segments, the §3.3 mask, M-RoPE
-ids against transformers, the §11.1 RNG draws, and offline loading of the assets."""
+(planner/tiny_mllm.py): token layout per task, token types / segments, the docs/official_behaviour.md §3.3 mask, M-RoPE
+ids against transformers, the docs/official_behaviour.md §7.1 RNG draws, and offline loading of the assets."""
 
 import inspect
 import os
@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VL
 
 IM_START, VISION_START, VISION_END, IM_END = 151644, 151652, 151653, 151645
 IMAGE_PAD, VIDEO_PAD = 151655, 151656
-SYSTEM_PROMPTS = {  # spec §3.3 (the seven planner keys)
+SYSTEM_PROMPTS = {  # docs/official_behaviour.md §3.3 (the seven planner keys)
     "t2i": "You are a helpful assistant specialized in text-to-image generation.",
     "t2v": "You are a helpful assistant specialized in text-to-video generation.",
     "i2i": "You are a helpful assistant specialized in image editing.",
@@ -46,7 +46,7 @@ def video(t, h, w):
     return VisualItem("video", (t, h, w))
 
 
-# (sources in conversation order, target) per task; realistic grids (§3.2 examples).
+# (sources in conversation order, target) per task; realistic grids (docs/official_behaviour.md §3.2 examples).
 TASK_CASES = {
     "t2i": ([], image(1, 16, 16)),
     "i2i": ([image(1, 12, 20)], image(1, 16, 16)),
@@ -84,7 +84,7 @@ def text_ids(s):
 
 
 def expected_ids(task, text, sources, target, keep_sources):
-    """The §11.2 layout written out by hand."""
+    """The docs/official_behaviour.md §7.2 layout written out by hand."""
     ids = [IM_START] + text_ids("system\n") + text_ids(SYSTEM_PROMPTS.get(task, DEFAULT_PROMPT))
     user = []
     if keep_sources:
@@ -258,7 +258,7 @@ def test_bad_inputs(template):
 # --------------------------------------------------------------------------- mask
 
 def mask_by_rules(types, segments):
-    """§3.3 written as loops: causal over text / input keys; planning and target queries also
+    """docs/official_behaviour.md §3.3 written as loops: causal over text / input keys; planning and target queries also
     see every key of their own type and segment."""
     n = len(types)
     mask = torch.full((n, n), float("-inf"))
@@ -392,7 +392,7 @@ def test_random_draws_advance_streams_like_the_official(template):
         template.random_draws(n_vit, n_vae)
     after = _stream_state()
 
-    # By hand, §11.1 item 1: per branch 3 random.random(), a numpy shuffle of N items (same
+    # By hand, docs/official_behaviour.md §7.1 item 1: per branch 3 random.random(), a numpy shuffle of N items (same
     # draws on an array as on a list), 64·n_vae float32 normals.
     random.seed(42), np.random.seed(42), torch.manual_seed(42)
     for _ in range(3):

@@ -1,5 +1,5 @@
 """Planner vision preprocessing (bernini_core.planner.vision): Qwen grids and ViT frame counts of
-spec §3.2 / §11.2 against transformers' processor on the tiny assets, the pure-torch processor
+docs/official_behaviour.md §3.2 / §7.2 against transformers' processor on the tiny assets, the pure-torch processor
 (layout transcription; equality with the torchvision-backed processor where installed), and
 the target placeholder rules."""
 
@@ -45,7 +45,7 @@ except Exception:
 needs_torchvision = pytest.mark.skipif(not HAS_TORCHVISION, reason="transformers' torch processors need torchvision")
 
 SIZE_EXAMPLES = {(480, 848): (1, 12, 20), (480, 832): (1, 12, 20), (720, 1280): (1, 12, 20),
-                 (1080, 1920): (1, 12, 20), (512, 512): (1, 16, 16)}  # §3.2 [computed]
+                 (1080, 1920): (1, 12, 20), (512, 512): (1, 16, 16)}  # docs/official_behaviour.md §3.2 [computed]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_image_grids_of_the_spec_examples_against_the_processor(image_processor)
 
 
 def test_video_frame_counts():
-    assert video_vit_frame_count(81, 16, 16, 81) == 10  # §3.2: 81 f → 10 frames → grid_t 5
+    assert video_vit_frame_count(81, 16, 16, 81) == 10  # docs/official_behaviour.md §3.2: 81 f → 10 frames → grid_t 5
     assert video_grid(10, 480, 848) == (5, 12, 20)
     assert VisualItem("video", video_grid(10, 480, 848)).n_tokens == 300
     # 121 f @ 24 fps at fps 24: ViT 3 fps → 15.1 → 14 (even); the cap is num_frames // 2 * 2.

@@ -1,4 +1,4 @@
-"""UMT5 prompt text rules and encoding (spec bernini.md §3.7, §4.4; wan_qwen.md §3).
+"""UMT5 prompt text rules and encoding (docs/official_behaviour.md §3.7, §4.4; docs/wan_qwen.md §3).
 
 References: hand-written expected strings transcribed from the official
 pipeline.py code paths, diffusers' Wan ``prompt_clean``, and a tiny random

@@ -165,7 +165,7 @@ def test_shape_tables_match_reference_classes():
     assert tiny.dit_shapes(dict(full_dit.config)) == meta_shapes(full_dit)
     assert tiny.vae_shapes(tiny.TINY_VAE) == meta_shapes(vae)
     assert tiny.vae_shapes(dict(full_vae.config)) == meta_shapes(full_vae)
-    assert len(tiny.vae_shapes(dict(full_vae.config))) == 194  # wan_qwen.md §2
+    assert len(tiny.vae_shapes(dict(full_vae.config))) == 194  # docs/wan_qwen.md §2
     reference = meta_shapes(umt5)
     assert reference.pop("encoder.embed_tokens.weight") == reference["shared.weight"]  # tied, stored once
     assert tiny.umt5_shapes(tiny.TINY_UMT5) == reference

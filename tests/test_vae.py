@@ -1,6 +1,7 @@
 """Wan 2.1 VAE vs diffusers AutoencoderKLWan, tiling, the original/ComfyUI key map and input checks.
 
-spec: wan_qwen.md §2, bernini.md §4.1 (normalised latents, posterior mean) and §11.3 (VAE in fp32).
+References: docs/wan_qwen.md §2, docs/official_behaviour.md §4.1 (normalised latents, posterior mean) and §7.3 (VAE in
+fp32).
 """
 
 import types
@@ -85,7 +86,7 @@ def test_full_config_state_dict_matches_diffusers(full_meta):
     b = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert a == b
     assert len(a) == 194
-    assert sum(v.numel() for v in ours.state_dict().values()) == 126_892_531  # wan_qwen.md §2
+    assert sum(v.numel() for v in ours.state_dict().values()) == 126_892_531  # docs/wan_qwen.md §2
 
 
 @pytest.mark.parametrize("frames,batch", [(13, 1), (5, 2)])
@@ -123,8 +124,10 @@ def test_causality_across_chunks(pair):
     _, ours = pair
     x, z = video(9), latents(3)
     with torch.no_grad():
-        assert rel_err(ours.encode(x[:, :, :5]), ours.encode(x)[:, :, :2]) < 1e-6
-        assert rel_err(ours.decode(z[:, :, :2]), ours.decode(z)[:, :, :5]) < 1e-6
+        # exact: the prefix's chunks (first frame, then 4 frames; one latent frame at a time) run the same convs
+        # on the same shapes whether or not more chunks follow
+        assert torch.equal(ours.encode(x[:, :, :5]), ours.encode(x)[:, :, :2])
+        assert torch.equal(ours.decode(z[:, :, :2]), ours.decode(z)[:, :, :5])
 
 
 def test_bf16_runs_and_stays_close(pair):
@@ -175,7 +178,11 @@ def test_tiling_matches_diffusers_tiling():
     with torch.no_grad():
         enc_err = rel_err(ours.encode_raw(x, tiling), ref.encode(x).latent_dist.mode())
         dec_err = rel_err(ours.decode_raw(z, tiling), ref.decode(z).sample)
-    assert enc_err < 1e-5 and dec_err < 1e-5, (enc_err, dec_err)
+    # Why these bounds: the decoders already differ untiled by fp32 summation order (~2e-6 here, up to 4.4e-6 in
+    # test_decode_matches_diffusers, whose bound 1e-4 this reuses); tiled it measured 1.9e-6..2.2e-6 across thread
+    # counts and ATEN_CPU_CAPABILITY, too close to 1e-5. Encoders: 1.9e-7..2.4e-7. A wrong tile grid or blend
+    # measures 0.57 (encode) and 0.8..0.94 (decode), thousands of times the bounds.
+    assert enc_err < 1e-5 and dec_err < 1e-4, (enc_err, dec_err)
 
 
 def _make_local(model: torch.nn.Module) -> None:
@@ -221,7 +228,7 @@ def test_key_map_round_trip_and_diffusers_converter(full_meta):
     original = {vae_key_to_original(k): v for k, v in sd.items()}
     assert len(original) == len(sd) == 194
     assert {vae_key_from_original(k) for k in original} == set(sd)
-    spot_checks = {  # the table of wan_qwen.md §2
+    spot_checks = {  # the table of docs/wan_qwen.md §2
         "decoder.upsamples.3.resample.1.weight": "decoder.up_blocks.0.upsamplers.0.resample.1.weight",
         "decoder.upsamples.7.time_conv.bias": "decoder.up_blocks.1.upsamplers.0.time_conv.bias",
         "decoder.upsamples.14.residual.6.weight": "decoder.up_blocks.3.resnets.2.conv2.weight",

@@ -26,7 +26,7 @@ R_TASKS = ("t2v", "v2v", "rv2v", "r2v")
 NAMES = [f"bernini_{t}" for t in FULL_TASKS] + [f"bernini_r_{t}" for t in R_TASKS]
 VIDEO_SOURCE_TASKS = ("v2v", "mv2v", "rv2v", "ads2v")
 
-# Widget order of the node contract (node_contract.md), control_after_generate after each seed, and of the
+# Widget order of the node contract (docs/node_contract.md §2), control_after_generate after each seed, and of the
 # native nodes (upload button after the file combo: extensions/core/uploadImage.ts).
 CONTRACT_WIDGETS = {
     "BerniniLoadPlanner": ["model", "weight_dtype", "download"],

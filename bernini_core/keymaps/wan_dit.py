@@ -1,11 +1,11 @@
 """Wan DiT parameter names: original Wan / ComfyUI  <->  diffusers ``WanTransformer3DModel``.
 
-Our DiT uses the diffusers names (wan_qwen.md §1.3). ComfyUI single files and the
+Our DiT uses the diffusers names (docs/wan_qwen.md §1.3). ComfyUI single files and the
 original Wan release use the original module names. The map works on module
 paths, so any leaf is carried along unchanged: ``weight``/``bias`` and also the
 fp8 side tensors (``scale_weight``, ``weight_scale``, ``comfy_quant``).
 
-The one trap (wan_qwen.md §1.3): the original block order is norm1, norm3, norm2,
+The one trap (docs/wan_qwen.md §1.3): the original block order is norm1, norm3, norm2,
 so the affine LayerNorm before cross-attention is ``norm3`` in the original and
 ``norm2`` in diffusers (and the parameter-free ones swap the other way).
 """

@@ -1,7 +1,7 @@
 """Wan 2.1 VAE key names: original Wan / ComfyUI single-file layout <-> ours (= diffusers AutoencoderKLWan).
 
 The original layout (Wan-Video `wan/modules/vae.py`, shipped by ComfyUI as `wan_2.1_vae.safetensors`) keeps
-the encoder and decoder as flat `nn.Sequential`s; ours groups them the way diffusers does (wan_qwen.md §2):
+the encoder and decoder as flat `nn.Sequential`s; ours groups them the way diffusers does (docs/wan_qwen.md §2):
 
     conv1 / conv2 (top level)            -> quant_conv / post_quant_conv
     {encoder,decoder}.conv1              -> {encoder,decoder}.conv_in

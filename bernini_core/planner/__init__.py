@@ -1,1 +1,2 @@
-"""The semantic planner of full Bernini: Qwen2.5-VL + connector + ViT decoder + mask token (spec §3)."""
+"""The semantic planner of full Bernini: Qwen2.5-VL + connector + ViT decoder + mask token
+(docs/official_behaviour.md §3)."""

@@ -1,4 +1,4 @@
-"""One planner branch (cond / imgcond / uncond) as the template encodes it (spec/bernini.md §3.2–§3.4).
+"""One planner branch (cond / imgcond / uncond) as the template encodes it (docs/official_behaviour.md §3.2–§3.4).
 
 The template (`template.py`) produces these; the planning loop (`maskgit.py`) consumes them.
 All tensors are on the CPU until the loop moves them; L is the branch's token count.
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-BRANCHES = ("cond", "imgcond", "uncond")  # the official encoding and forward order (§11.1)
+BRANCHES = ("cond", "imgcond", "uncond")  # the official encoding and forward order (docs/official_behaviour.md §7.1)
 
 
 @dataclass

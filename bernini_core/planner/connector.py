@@ -1,10 +1,11 @@
 """The planner's MLP connector: Qwen hidden states -> ViT-space conditions and renderer context rows.
 
-Parameter names are the official ``connector.`` keys (spec bernini.md §2.1): ``proj_gen.{0,2,3}`` and
+Parameter names are the official ``connector.`` keys (docs/official_behaviour.md §2.1): ``proj_gen.{0,2,3}`` and
 ``pred_vit.{0,2,3,4}``; the integer gaps are the parameter-free GELUs. ``pred_vit`` (Linear, GELU, Linear,
-RMSNorm, Linear) conditions the ViT decoder during planning (§3.1); ``proj_gen`` (Linear, GELU, RMSNorm,
-Linear) turns every hidden_states[-2] row into a 4096-d renderer context row (§3.7). GELU is the exact
-(erf) form and the RMSNorm eps 1e-6, as in the official ``MLPConnector``.
+RMSNorm, Linear) conditions the ViT decoder during planning (docs/official_behaviour.md §3.1); ``proj_gen`` (Linear,
+GELU, RMSNorm, Linear) turns every hidden_states[-2] row into a 4096-d renderer context row
+(docs/official_behaviour.md §3.7). GELU is the exact (erf) form and the RMSNorm eps 1e-6, as in the official
+``MLPConnector``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class Connector(nn.Module):
     @staticmethod
     def _project(head: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
         # The official connector brings its input to its own dtype first; planning casts the connector to the
-        # run dtype beforehand (§11.3), so this is a no-op there and only guards mixed-dtype callers.
+        # run dtype beforehand (docs/official_behaviour.md §7.3), so this is a no-op there and only guards mixed-dtype
+        # callers.
         weight = head[0].weight
         if weight.dtype != h.dtype and weight.device.type != "meta":
             h = h.to(weight.dtype)

@@ -1,14 +1,14 @@
-"""The MaskGIT planning loop (spec bernini.md §3.5, §3.7, §11.1 items 2–3, §11.2).
+"""The MaskGIT planning loop (docs/official_behaviour.md §3.5, §3.7, §7.1 items 2–3, §7.2).
 
 All target ViT tokens start as the mask token in the three branches (cond, imgcond, uncond). Each planning
 step runs the Qwen model on the branches, turns the target rows of hidden_states[-2] into ViT-decoder
 conditions (``connector.for_vit``), samples the tokens this step reveals with the flow-matching ViT decoder
 (3-way CFG) and writes them into the target slots of all three branches. Two final forwards (cond, uncond)
-are projected by ``connector.for_gen`` into the four renderer contexts of §3.7.
+are projected by ``connector.for_gen`` into the four renderer contexts of docs/official_behaviour.md §3.7.
 
 Which tokens a step reveals depends only on N, S and the random order, so ``mask_schedule`` computes the
-whole schedule up front; steps that reveal nothing (the §11.2 skip quirk, or an empty set) draw no noise and,
-since the official forwards of such a step have no effect, skip the forwards too.
+whole schedule up front; steps that reveal nothing (the docs/official_behaviour.md §7.2 skip quirk, or an empty set)
+draw no noise and, since the official forwards of such a step have no effect, skip the forwards too.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ FORWARD_ORDER = ("cond", "uncond", "imgcond")  # official sample_vit_embed forwa
 
 @dataclass
 class PlannerContexts:
-    """Renderer contexts after planning (§3.7), each [1, L_i, gen_dim] in the run dtype (no T5 part yet)."""
+    """Renderer contexts after planning (docs/official_behaviour.md §3.7), each [1, L_i, gen_dim] in the run dtype (no
+    T5 part yet)."""
 
     wtxt_wvit: torch.Tensor  # cond branch, every position
     wtxt_wovit: torch.Tensor  # cond branch without the target positions
@@ -44,7 +45,8 @@ def mask_ratio(step: int, steps: int) -> float:
 
 
 def mask_lengths(n_tokens: int, steps: int) -> list[int]:
-    """Tokens still masked after each step: max(1, min(#masked − 1, floor(N·ratio))) (§11.2)."""
+    """Tokens still masked after each step: max(1, min(#masked − 1, floor(N·ratio)))
+    (docs/official_behaviour.md §7.2)."""
     remaining, lengths = n_tokens, []
     for step in range(steps):
         remaining = max(1, min(remaining - 1, int(np.floor(n_tokens * mask_ratio(step, steps)))))
@@ -56,8 +58,8 @@ def mask_schedule(n_tokens: int, steps: int, order: Optional[Sequence[int]] = No
     """Per planning step, the token indices the ViT decoder predicts (ascending), given the random ``order``
     (default: identity). The masked set is always a prefix of ``order``: step s keeps order[:mask_len_s]
     masked and predicts order[mask_len_s : mask_len_{s-1}], the last step every token still masked. A step
-    whose indices sum to 0 — exactly {0}, or nothing — predicts nothing (official ``continue``, §11.2), so a
-    token 0 skipped this way keeps the mask embedding for good."""
+    whose indices sum to 0 — exactly {0}, or nothing — predicts nothing (official ``continue``,
+    docs/official_behaviour.md §7.2), so a token 0 skipped this way keeps the mask embedding for good."""
     require(n_tokens >= 1, f"planning needs at least one target token (got {n_tokens}).")
     require(steps >= 1, f"planning_step must be at least 1 (got {steps}).")
     order = np.arange(n_tokens) if order is None else np.asarray(order)
@@ -83,12 +85,12 @@ class _BranchState:
 def plan(model: PlannerModel, branches: Mapping[str, EncodedBranch], *, planning_step: int,
          vit_denoising_step: int, vit_txt_cfg: float, vit_img_cfg: Optional[float], dtype: torch.dtype,
          device, on_step: Optional[Callable[[int, int], None]] = None) -> PlannerContexts:
-    """Run §3.5 on the encoded branches and return the §3.7 contexts.
+    """Run docs/official_behaviour.md §3.5 on the encoded branches and return the §3.7 contexts.
 
-    RNG (§11.1): one ``np.random.shuffle`` of arange(N) on numpy's global generator, then per step that
-    predicts anything one ``torch.randn(n, C)`` float32 on torch's global (CPU) generator, cast to the run
-    dtype by the decoder. The model's modules must already sit on ``device`` (the runtime places them);
-    connector and ViT decoder are cast to ``dtype`` here, as the official pipeline does (§11.3).
+    RNG (docs/official_behaviour.md §7.1): one ``np.random.shuffle`` of arange(N) on numpy's global generator, then per
+    step that predicts anything one ``torch.randn(n, C)`` float32 on torch's global (CPU) generator, cast to the run
+    dtype by the decoder. The model's modules must already sit on ``device`` (the runtime places them); connector and
+    ViT decoder are cast to ``dtype`` here, as the official pipeline does (docs/official_behaviour.md §7.3).
     ``on_step(step, planning_step)`` is called after every planning step (progress, interrupts).
     """
     missing = [name for name in BRANCHES if name not in branches]
@@ -98,11 +100,12 @@ def plan(model: PlannerModel, branches: Mapping[str, EncodedBranch], *, planning
     for name in BRANCHES:
         require(branches[name].n_target_tokens == n_tokens,
                 f"branch '{name}' has {branches[name].n_target_tokens} target tokens, cond has {n_tokens}; "
-                f"all three branches must share the target (§3.4).")
+                f"all three branches must share the target (docs/official_behaviour.md §3.4).")
     require(int(vit_denoising_step) >= 1, f"vit_denoising_step must be at least 1 (got {vit_denoising_step}).")
     qwen_dtype = model.language_model.get_input_embeddings().weight.dtype
     require(qwen_dtype == dtype, f"The planner's Qwen model is {qwen_dtype} but planning was asked to run in {dtype}; "
-                                 f"load the planner in the run dtype (bf16 for the official numerics, §11.3).")
+                                 f"load the planner in the run dtype (bf16 for the official numerics, "
+                                 f"docs/official_behaviour.md §7.3).")
     device = torch.device(device)
     model.prepare_heads(dtype)
 

@@ -1,16 +1,19 @@
-"""The planner model: Qwen2.5-VL (transformers) + connector + ViT decoder + the learned mask token (spec §3).
+"""The planner model: Qwen2.5-VL (transformers) + connector + ViT decoder + the learned mask token
+(docs/official_behaviour.md §3).
 
-Attribute names match the official checkpoint prefixes (§2.1): ``connector.``, ``vit_decoder.`` and
-``mask_tokens`` load as-is; ``mllm`` is a transformers Qwen2.5-VL whose own key layout the loader maps.
-Either ``Qwen2_5_VLModel`` (no lm_head, what ``build`` makes: the head is never used, §3.8) or
-``Qwen2_5_VLForConditionalGeneration`` is accepted.
+Attribute names match the official checkpoint prefixes (docs/official_behaviour.md §2.1): ``connector.``,
+``vit_decoder.`` and ``mask_tokens`` load as-is; ``mllm`` is a transformers Qwen2.5-VL whose own key layout the
+loader maps. Either ``Qwen2_5_VLModel`` (no lm_head, what ``build`` makes: the head is never used,
+docs/official_behaviour.md §3.8) or ``Qwen2_5_VLForConditionalGeneration`` is accepted.
 
 transformers versions (official pin 4.57.3; checked on 4.57.3 and 5.23): both take the planner's custom
 mask the same way — a **4D** ``[1, 1, L, L]`` additive float mask is returned as-is by ``masking_utils``
 (a 2D/3D one would be rebuilt, or fail in 5.x), so ``hidden`` always passes 4D, cast to the activation dtype
 as the official SDPA path does; M-RoPE ids go in as ``[3, 1, L]`` int64 and are used as given (both only
-split off a 4th "text" row, which we never send). The only API difference met here: the vision tower returns the merged tensor in 4.57 and an output object (``pooler_output``) in
-5.x. Attention must be "sdpa" or "eager": FlashAttention cannot take an arbitrary additive mask.
+split off a 4th "text" row, which we never send). The vision tower is NOT run through transformers' forward:
+``vision_tower.official_vision_forward`` computes it as the official model does (one masked attention call per
+block, the rotary table in the weights' dtype), on every transformers version. Attention must be "sdpa" or
+"eager": FlashAttention cannot take an arbitrary additive mask.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 from ..errors import BerniniError, require
 from .branch import EncodedBranch
 from .connector import Connector
+from .vision_tower import official_vision_forward, use_official_vision_attention
 from .vit_decoder import ViTDecoder
 
 SUPPORTED_ATTENTION = (None, "sdpa", "eager")
@@ -59,7 +63,11 @@ class PlannerModel(nn.Module):
         if attention not in SUPPORTED_ATTENTION:
             raise BerniniError(
                 f"The planner needs attn_implementation 'sdpa' or 'eager' (it passes a custom 4D additive mask, "
-                f"spec §3.3), but the Qwen model uses {attention!r}; load it with attn_implementation='sdpa'.")
+                f"docs/official_behaviour.md §3.3), but the Qwen model uses {attention!r}; load it with "
+                f"attn_implementation='sdpa'.")
+        # The vision blocks attend as the official model does (one masked call per block), not as transformers
+        # does (one call per chunk): a different kernel and ~5e-3 apart in bf16. Scoped to this instance.
+        use_official_vision_attention(inner.visual)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -67,10 +75,11 @@ class PlannerModel(nn.Module):
               decoder_width: int = 4096, decoder_depth: int = 16, ops=None, device=None,
               mllm_dtype: torch.dtype = torch.bfloat16, head_dtype: torch.dtype = torch.float32,
               attn_implementation: str = "sdpa") -> "PlannerModel":
-        """Modules shaped from a ``Qwen2_5_VLConfig`` and config.json's clip_diff_cfg / connector_cfg (§2.1).
+        """Modules shaped from a ``Qwen2_5_VLConfig`` and config.json's clip_diff_cfg / connector_cfg
+        (docs/official_behaviour.md §2.1).
 
-        Dtypes after the official loader (§11.3): Qwen in ``mllm_dtype``; connector, ViT decoder and
-        mask_tokens in ``head_dtype`` (fp32) until ``prepare_heads`` casts them for a run. Pass
+        Dtypes after the official loader (docs/official_behaviour.md §7.3): Qwen in ``mllm_dtype``; connector, ViT
+        decoder and mask_tokens in ``head_dtype`` (fp32) until ``prepare_heads`` casts them for a run. Pass
         ``device="meta"`` to build without memory and fill the weights with a loader afterwards.
         """
         from transformers import Qwen2_5_VLModel  # the package imports without transformers' VL classes
@@ -102,7 +111,8 @@ class PlannerModel(nn.Module):
 
     @torch.no_grad()
     def prepare_heads(self, dtype: torch.dtype) -> None:
-        """Cast connector and ViT decoder to the run dtype in place, as the official __call__ does (§11.3).
+        """Cast connector and ViT decoder to the run dtype in place, as the official __call__ does
+        (docs/official_behaviour.md §7.3).
 
         One tensor at a time (no second copy); a no-op when they already have that dtype.
         """
@@ -114,11 +124,18 @@ class PlannerModel(nn.Module):
     # ------------------------------------------------------------------ forwards
     @torch.no_grad()
     def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """Qwen vision tower + 2x2 merger output (3584-d in the 7B model), split per image / video (§3.1)."""
+        """Qwen vision tower + 2x2 merger output (3584-d in the 7B model), split per image / video
+        (docs/official_behaviour.md §3.1), computed as the official model computes it
+        (``vision_tower.official_vision_forward``)."""
         param = next(self.visual.parameters())
         grid_thw = torch.as_tensor(grid_thw, dtype=torch.long).reshape(-1, 3)
-        out = self.visual(pixel_values.to(device=param.device, dtype=param.dtype), grid_thw=grid_thw.to(param.device))
-        merged = getattr(out, "pooler_output", out)  # 5.x: output object; 4.57: the merged tensor itself
+        require(pixel_values.dim() == 2 and pixel_values.shape[0] == int(grid_thw.prod(-1).sum()),
+                f"vision features: grid_thw {grid_thw.tolist()} implies {int(grid_thw.prod(-1).sum())} patches but "
+                f"pixel_values has shape {tuple(pixel_values.shape)}; pixel_values and grid_thw come from different "
+                "inputs.")
+        # The official forward, not transformers' (vision_tower.py: attention kernel and rotary table differ).
+        merged = official_vision_forward(self.visual, pixel_values.to(device=param.device, dtype=param.dtype),
+                                         grid_thw)
         merge = int(getattr(self.visual, "spatial_merge_size", 2))
         sizes = (grid_thw.prod(-1) // (merge * merge)).tolist()
         require(sum(sizes) == merged.shape[0],
@@ -159,7 +176,8 @@ class PlannerModel(nn.Module):
     @torch.no_grad()
     def hidden(self, inputs_embeds: torch.Tensor, branch: EncodedBranch, *,
                attention: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-        """hidden_states[-2] of the Qwen language model: the input of its last decoder layer (§3.1).
+        """hidden_states[-2] of the Qwen language model: the input of its last decoder layer
+        (docs/official_behaviour.md §3.1).
 
         The forward stops there (a pre-hook on the last layer), so the last layer and the final norm —
         whose outputs the planner never reads — are not computed. ``attention`` = precomputed

@@ -1,4 +1,5 @@
-"""The planner chat template: token layout, token types, 4D mask, M-RoPE ids (spec/bernini.md §3.2–§3.4, §11.2).
+"""The planner chat template: token layout, token types, 4D mask, M-RoPE ids
+(docs/official_behaviour.md §3.2–§3.4, §7.2).
 
 One branch (cond / imgcond / uncond) is tokenised as
 
@@ -6,7 +7,7 @@ One branch (cond / imgcond / uncond) is tokenised as
     <|vision_start|>{target pads}<|vision_end|>
 
 with no ``<|im_end|>`` anywhere, every message content stripped and empty messages skipped
-(§3.3, §11.2). Visual item ``i`` (0-based, sources in conversation order, the target last) is
+(docs/official_behaviour.md §3.3, §7.2). Visual item ``i`` (0-based, sources in conversation order, the target last) is
 written ``<|vision_start|>`` + ``pad_i`` × tokens + ``<|vision_end|>`` with the Bernini input /
 output pad tokens; after tokenisation the pads become ``<|image_pad|>`` / ``<|video_pad|>``.
 Dropped sources (imgcond, uncond) still consume their item number, so the target keeps
@@ -29,14 +30,14 @@ from torch import Tensor
 from ..errors import BerniniError
 from .branch import BRANCHES, EncodedBranch
 
-IMAGE_PAD_ID = 151655  # hard-coded in the official template (§11.2)
+IMAGE_PAD_ID = 151655  # hard-coded in the official template (docs/official_behaviour.md §7.2)
 VIDEO_PAD_ID = 151656
-MAX_VISUAL_ITEMS = 64  # 64 input + 64 output pad tokens (§3.3): sources + target ≤ 64
+MAX_VISUAL_ITEMS = 64  # 64 input + 64 output pad tokens (docs/official_behaviour.md §3.3): sources + target ≤ 64
 VISUAL_INPUT_PADS = tuple(f"<|visual_input_token_pad_{i}|>" for i in range(MAX_VISUAL_ITEMS))
 VISUAL_OUTPUT_PADS = tuple(f"<|visual_output_token_pad_{i}|>" for i in range(MAX_VISUAL_ITEMS))
 VISION_START, VISION_END, IM_START = "<|vision_start|>", "<|vision_end|>", "<|im_start|>"
 
-# Token types of §3.3.
+# Token types of docs/official_behaviour.md §3.3.
 TEXT, PLANNING, VISUAL_INPUT, VISUAL_OUTPUT = 0, 1, 2, 3
 _TARGET_VAE_CHANNELS = (16, 1, 2, 2)  # one packed target VAE token: 16 channels × patch (1, 2, 2)
 
@@ -51,7 +52,7 @@ def _planner_system_prompts() -> dict:
 
 def planner_system_prompt(task: str) -> str:
     """The system message of the planner template: one of its 7 task keys, else the default
-    (so mv2v, ads2v, … use "You are a helpful assistant.", §3.3)."""
+    (so mv2v, ads2v, … use "You are a helpful assistant.", docs/official_behaviour.md §3.3)."""
     prompts = _planner_system_prompts()
     return prompts.get(task, prompts["default"])
 
@@ -82,7 +83,7 @@ class VisualItem:
 
 
 def attention_mask_4d(token_types: Tensor, segment_ids: Tensor) -> Tensor:
-    """The additive ``[L, L]`` mask of §3.3 (0 = attend, -inf = blocked): every query sees
+    """The additive ``[L, L]`` mask of docs/official_behaviour.md §3.3 (0 = attend, -inf = blocked): every query sees
     the earlier-or-same text / visual-input tokens causally; planning (1) and target (3)
     queries also see every token of their own type and segment, in both directions."""
     length = token_types.shape[0]
@@ -98,7 +99,8 @@ def attention_mask_4d(token_types: Tensor, segment_ids: Tensor) -> Tensor:
 def mrope_position_ids(input_ids: Tensor, image_grids: Sequence[Sequence[int]], video_grids: Sequence[Sequence[int]],
                        *, spatial_merge_size: int = 2, tokens_per_second: float = 2) -> Tensor:
     """``[3, L]`` M-RoPE ids (t, h, w) as ``Qwen2_5_VLModel.get_rope_index`` of transformers
-    4.57.3 (the version the official pins, §2.1) computes them with no ``second_per_grid_ts``:
+    4.57.3 (the version the official pins, docs/official_behaviour.md §2.1) computes them with no
+    ``second_per_grid_ts``:
 
     text runs count up by one on all three axes from the running start; each image / video
     run (its grid taken in order of appearance per kind) gets start + (t·interval, row, col)
@@ -167,7 +169,7 @@ class PlannerTemplate:
 
     def encode_branch(self, name: str, *, task: str, text: str, visual_inputs: Sequence[VisualItem],
                       target: VisualItem, visual_features: Sequence[Tensor] = ()) -> EncodedBranch:
-        """Tokenise one branch (§3.4): ``cond`` keeps the sources, ``imgcond`` drops them,
+        """Tokenise one branch (docs/official_behaviour.md §3.4): ``cond`` keeps the sources, ``imgcond`` drops them,
         ``uncond`` drops them and takes ``text`` = the negative prompt, used only when longer
         than one character (the official ``len(neg_prompt) > 1``), else no text at all.
 
@@ -179,7 +181,8 @@ class PlannerTemplate:
         sources = list(visual_inputs)
         kinds = [item.kind for item in sources]
         if kinds != sorted(kinds, key=lambda k: k != "video"):
-            raise ValueError("visual_inputs must list the source videos before the source images (§3.2)")
+            raise ValueError("visual_inputs must list the source videos before the source images "
+                             "(docs/official_behaviour.md §3.2)")
         if len(sources) + 1 > MAX_VISUAL_ITEMS:
             raise BerniniError(f"{len(sources)} source images/videos were given; the planner template holds at most "
                                f"{MAX_VISUAL_ITEMS - 1} (plus the target). Pass fewer reference images.")
@@ -239,7 +242,7 @@ class PlannerTemplate:
 
     @staticmethod
     def random_draws(n_target_vit_tokens: int, n_target_vae_tokens: int) -> None:
-        """Advance the global RNG streams exactly as one official branch encoding does (§11.1
+        """Advance the global RNG streams exactly as one official branch encoding does (docs/official_behaviour.md §7.1
         item 1); nothing drawn here affects the output. In order:
 
         1. three ``random.random()`` (the text / image / video dropout decisions);

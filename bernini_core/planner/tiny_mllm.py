@@ -2,8 +2,8 @@
 
 The official ``Bernini-Diffusers/mllm/`` folder holds the Qwen2.5-VL config, tokenizer and
 processor configs; the weights live in the combined ``bernini/`` checkpoint under ``mllm.``
-(spec/bernini.md §2.1). This module writes the same folder with a model small enough for a
-2-core CPU, keeping every id the planner hard-codes (§11.2):
+(docs/official_behaviour.md §2.1). This module writes the same folder with a model small enough for a
+2-core CPU, keeping every id the planner hard-codes (docs/official_behaviour.md §7.2):
 
 * the Qwen special tokens at their real ids (``<|endoftext|>`` 151643 … ``<|file_sep|>`` 151664),
   then the 64 + 64 Bernini visual pad tokens (151665 …), so ``image_token_id`` 151655 and
@@ -35,7 +35,7 @@ QWEN_SPECIAL_TOKENS = (
     ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
 )
 FIRST_SPECIAL_ID = 151643
-N_VISUAL_PADS = 64  # per direction (Bernini template, §3.3)
+N_VISUAL_PADS = 64  # per direction (Bernini template, docs/official_behaviour.md §3.3)
 VISUAL_INPUT_PADS = tuple(f"<|visual_input_token_pad_{i}|>" for i in range(N_VISUAL_PADS))
 VISUAL_OUTPUT_PADS = tuple(f"<|visual_output_token_pad_{i}|>" for i in range(N_VISUAL_PADS))
 # 151643 + 22 Qwen specials + 128 visual pads = 151793 ids in use; rounded up to a multiple of 64.

@@ -1,4 +1,5 @@
-"""Planner vision preprocessing: Qwen patch grids, ViT frames, target placeholders (spec/bernini.md §3.2, §11.2).
+"""Planner vision preprocessing: Qwen patch grids, ViT frames, target placeholders
+(docs/official_behaviour.md §3.2, §7.2).
 
 The official pipeline runs the Qwen2.5-VL processor of ``mllm/`` with its own pixel bounds
 (min 3136, max 50176 per frame: a 28-multiple smart resize) and samples video frames at
@@ -30,7 +31,7 @@ from ..media import frame_indices, smart_video_nframes
 from ..tasks import get_task
 from .template import VisualItem
 
-VIT_MIN_PIXELS = 3136  # preprocess_inputs(vit_min_pixels, vit_max_pixels), §11.2
+VIT_MIN_PIXELS = 3136  # preprocess_inputs(vit_min_pixels, vit_max_pixels), docs/official_behaviour.md §7.2
 VIT_MAX_PIXELS = 50176
 VIT_PATCH = 14
 VIT_MERGE = 2
@@ -44,7 +45,7 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # --------------------------------------------------------------------------- grids
 
 def vit_fps(fps) -> int:
-    """The ViT frame rate: ``fps // 8`` (2 at 16 fps; the VAE keeps ``fps``), §11.2."""
+    """The ViT frame rate: ``fps // 8`` (2 at 16 fps; the VAE keeps ``fps``), docs/official_behaviour.md §7.2."""
     return int(fps // 8)
 
 
@@ -105,7 +106,7 @@ def video_vit_frame_indices(total_frames: int, video_fps: float, fps: int, num_f
 
 def target_item(task: str, num_frames: int, height: int, width: int, first_video: VisualItem | None = None,
                 *, fps: int = 16) -> VisualItem:
-    """The target placeholder's grid (§3.2): one frame → a black image of ``height × width``;
+    """The target placeholder's grid (docs/official_behaviour.md §3.2): one frame → a black image of ``height × width``;
     several → the first source video again when there is one (so v2v's target grid equals
     its source's), else a black video of ``num_frames`` frames at ``fps`` (FakeVideoReader)
     sampled at the ViT rate. Its pixels never matter (the mask token overwrites them)."""

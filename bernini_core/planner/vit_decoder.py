@@ -1,16 +1,16 @@
-"""The ViT decoder: a flow-matching MLP head that samples target ViT features (spec bernini.md §3.6).
+"""The ViT decoder: a flow-matching MLP head that samples target ViT features (docs/official_behaviour.md §3.6).
 
-``ViTDecoder.net`` is the official ``SimpleMLPAdaLN`` with the ``vit_decoder.net.`` key names of §2.1:
-input_proj (C -> W) and cond_embed (z -> W), a sinusoidal(256) -> MLP time embedding, ``depth`` AdaLN
-residual MLP blocks and a non-affine-LN final layer with its own AdaLN (no parameters of its own besides
+``ViTDecoder.net`` is the official ``SimpleMLPAdaLN`` with the ``vit_decoder.net.`` key names of
+docs/official_behaviour.md §2.1: input_proj (C -> W) and cond_embed (z -> W), a sinusoidal(256) -> MLP time embedding,
+``depth`` AdaLN residual MLP blocks and a non-affine-LN final layer with its own AdaLN (no parameters of its own besides
 ``linear`` and ``adaLN_modulation.1``).
 
 Sampling follows the official FlowMatchScheduler (shift 2.0, sigma_min 0.003/1.002, extra_one_step):
-sigmas are computed in **bfloat16** whatever the run dtype (§11.2), timesteps = 1000·sigma (also bf16), an
-Euler step per timestep with sigma_next = 0 after the last one, and the model predicts velocity = noise - x0.
-The scheduler finds each step's sigma by the first timestep nearest to it (argmin), exactly as the official
-``step`` does, so coinciding bf16 timesteps (>= 88 steps) behave as they do there; the lookup is done once
-per schedule, not per step.
+sigmas are computed in **bfloat16** whatever the run dtype (docs/official_behaviour.md §7.2), timesteps = 1000·sigma
+(also bf16), an Euler step per timestep with sigma_next = 0 after the last one, and the model predicts
+velocity = noise - x0. The scheduler finds each step's sigma by the first timestep nearest to it (argmin), exactly
+as the official ``step`` does, so coinciding bf16 timesteps (>= 88 steps) behave as they do there; the lookup is
+done once per schedule, not per step.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from ..ops import resolve_ops
 
 FREQUENCY_EMBEDDING_SIZE = 256
 MAX_PERIOD = 10000
-SCHEDULE_SHIFT = 2.0  # config.json clip_diff_cfg.shift (§2.1)
+SCHEDULE_SHIFT = 2.0  # config.json clip_diff_cfg.shift (docs/official_behaviour.md §2.1)
 SIGMA_MAX = 1.0
 SIGMA_MIN = 0.003 / 1.002
 NUM_TRAIN_TIMESTEPS = 1000
-SCHEDULE_DTYPE = torch.bfloat16  # §11.2: the FlowMatch sigmas are bf16 even when the decoder is not
+SCHEDULE_DTYPE = torch.bfloat16  # FlowMatch sigmas are bf16 whatever the decoder (docs/official_behaviour.md §7.2)
 
 
 @lru_cache(maxsize=32)
@@ -128,7 +128,7 @@ class SimpleMLPAdaLN(nn.Module):
 
 
 class ViTDecoder(nn.Module):
-    """State-dict keys ``net.*`` exactly as the official ``vit_decoder.`` tensors (§2.1)."""
+    """State-dict keys ``net.*`` exactly as the official ``vit_decoder.`` tensors (docs/official_behaviour.md §2.1)."""
 
     def __init__(self, target_channels: int = 3584, z_channels: int = 3584, width: int = 4096, depth: int = 16,
                  ops=None, device=None, dtype=None):

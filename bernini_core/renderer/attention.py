@@ -2,10 +2,11 @@
 
 Layout everywhere: q, k, v are [B, L, heads, head_dim]; the result has q's layout and dtype.
 
-Backends (design.md §5): "sdpa" (torch scaled_dot_product_attention, always there), "flash"
+Backends (docs/architecture.md §5): "sdpa" (torch scaled_dot_product_attention, always there), "flash"
 (FlashAttention-3 ``flash_attn_interface`` else FlashAttention-2 ``flash_attn``), "sage"
 (``sageattention``, quantised: never picked by "auto"), "auto" (on CUDA with fp16/bf16 inputs the
-best exact kernel that imports, like the official FA3 -> FA2 -> SDPA order in spec §4.1; else sdpa).
+best exact kernel that imports, like the official FA3 -> FA2 -> SDPA order of docs/official_behaviour.md §4.1;
+else sdpa).
 
 The flash/sage kernels take no key mask: masked calls (cross-attention of a batch whose contexts
 have different lengths) always go through SDPA, which is exact and cheap for a few hundred keys.

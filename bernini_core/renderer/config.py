@@ -1,6 +1,6 @@
 """Shape of the renderer DiT, read from / written to a diffusers ``transformer/config.json``.
 
-The renderer is a stock Wan text-to-video transformer (spec bernini.md §4.1): Bernini adds no
+The renderer is a stock Wan text-to-video transformer (docs/official_behaviour.md §4.1): Bernini adds no
 parameters, only inference behaviour (in-context streams, source-id RoPE), so the config is the
 diffusers ``WanTransformer3DModel`` config restricted to the T2V family.
 """
@@ -89,7 +89,7 @@ def _validate(cfg: DiTConfig) -> None:
         if not _is_int(getattr(cfg, name)) or getattr(cfg, name) <= 0:
             fail(name, "must be a positive integer.")
     head_dim = cfg.attention_head_dim
-    # 3D RoPE splits the head into t/h/w parts of d-4(d//6), 2(d//6), 2(d//6) channels (wan_qwen.md §1.2).
+    # 3D RoPE splits the head into t/h/w parts of d-4(d//6), 2(d//6), 2(d//6) channels (docs/wan_qwen.md §1.2).
     if head_dim % 2 or head_dim // 6 == 0:
         fail("attention_head_dim", "must be even and at least 6 (the 3D RoPE splits it into t/h/w pairs).")
     if cfg.freq_dim % 2:

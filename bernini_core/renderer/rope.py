@@ -1,6 +1,6 @@
 """Segment-aware 3D RoPE: Wan's 3D rotary embedding plus Bernini's per-stream source-id phase.
 
-Spec bernini.md §4.3: every stream (source image, source video, noisy target) gets its own
+Per docs/official_behaviour.md §4.3: every stream (source image, source video, noisy target) gets its own
 (t, h, w) patch grid starting at 0; pair k of the head then rotates by
     pos_axis(k) * omega_axis,k  +  sid * omega'_k,
 with omega_axis,k = theta^(-2k/d_axis) over the t/h/w split of the head and
@@ -8,7 +8,7 @@ omega'_k = theta^(-2k/head_dim) over all head_dim/2 pairs. sid = 0 (the target) 
 
 Numerics follow the official code: angle tables in float64, turned into unit complex numbers and
 multiplied (3D part x source phase) in complex128; q/k are rotated as interleaved pairs
-(x[2k], x[2k+1]) by complex128 multiplication and cast back (§4.3 "complex fp64").
+(x[2k], x[2k+1]) by complex128 multiplication and cast back (docs/official_behaviour.md §4.3 "complex fp64").
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def axis_split(head_dim: int) -> tuple[int, int, int]:
 def source_ids_for(n_sources: int, max_trained: int = 5, interpolate: bool = True) -> list[float]:
     """Source ids 1..n, or float32 ``linspace(1, max_trained, n)`` when n exceeds the trained range.
 
-    Spec §4.3 / §11.2: the ids are float32 values (e.g. 1.7999999523 for n = 6), not exact decimals.
+    docs/official_behaviour.md §4.3 / §7.2: the ids are float32 values (e.g. 1.7999999523 for n = 6), not exact
+    decimals.
     """
     if n_sources < 0:
         raise BerniniError(f"source ids: the number of sources must be >= 0, got {n_sources}.")
@@ -68,7 +69,7 @@ def stream_frequencies(grid: Sequence[int], source_id: float, head_dim: int, dev
     freqs = torch.cat([t_part, h_part, w_part], dim=-1).reshape(frames * rows * cols, head_dim // 2)
     sid = float(source_id)
     if sid != 0.0:
-        # Source phase over the FULL head dim (a 1D RoPE evaluated at position sid), §4.3.
+        # Source phase over the FULL head dim (a 1D RoPE evaluated at position sid), docs/official_behaviour.md §4.3.
         sid_angles = torch.tensor([sid], dtype=torch.float64, device=device) * _inverse_frequencies(head_dim, device)
         freqs = freqs * _unit_complex(sid_angles)[None, :]
     return freqs

@@ -1,16 +1,17 @@
 """The renderer DiT: a Wan T2V transformer run "in context" over several latent streams.
 
-Parameter names are exactly diffusers' ``WanTransformer3DModel`` state-dict keys (spec wan_qwen.md
-§1.3), so diffusers checkpoints and the official ``diff_dec.transformer.<key>`` tensors load as-is.
+Parameter names are exactly diffusers' ``WanTransformer3DModel`` state-dict keys (docs/wan_qwen.md §1.3), so
+diffusers checkpoints and the official ``diff_dec.transformer.<key>`` tensors load as-is.
 
-Bernini behaviour (spec bernini.md §4.2–§4.4): each stream (source images/videos, noisy target last)
+Bernini behaviour (docs/official_behaviour.md §4.2–§4.4): each stream (source images/videos, noisy target last)
 is patch-embedded on its own with the shared Conv3d and the token blocks are concatenated; every
 token gets the same timestep modulation; self-attention is full over all tokens with per-stream
 3D RoPE x source-id phase; cross-attention sees the text context zero-padded to >= 512 rows (never
 truncated); only the target's tokens are projected out.
 
 Precision mirrors the official/diffusers block: LayerNorms run in fp32 on ``.float()`` input, the
-AdaLN modulation and residual gates in fp32, results cast back to the activation dtype (§11.3).
+AdaLN modulation and residual gates in fp32, results cast back to the activation dtype
+(docs/official_behaviour.md §7.3).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from .config import DiTConfig
 from .rope import RopeTableCache, apply_rope
 
 # Name components (matched against ``name.split(".")``, as diffusers' _keep_in_fp32_modules is) of the
-# parameters Bernini-R keeps in fp32 while the rest is bf16 (§11.3). time_proj is NOT among them.
+# parameters Bernini-R keeps in fp32 while the rest is bf16 (docs/official_behaviour.md §7.3). time_proj is NOT among
+# them.
 FP32_PARAM_PATTERNS: tuple[str, ...] = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
-MIN_CONTEXT_ROWS = 512  # Wan pads T5 features to 512 rows; padded rows are attended (§4.4)
+MIN_CONTEXT_ROWS = 512  # Wan pads T5 features to 512 rows; padded rows are attended (docs/official_behaviour.md §4.4)
 _HALF_OR_FULL = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -47,7 +49,7 @@ def cast_dit_(model: nn.Module, dtype: torch.dtype, keep_fp32_islands: bool) -> 
     """Cast parameters in place, one tensor at a time (no second copy of the model).
 
     keep_fp32_islands=True: Bernini-R policy (bf16 except FP32_PARAM_PATTERNS in fp32);
-    False: full-Bernini policy (everything in ``dtype``), spec §11.3.
+    False: full-Bernini policy (everything in ``dtype``), docs/official_behaviour.md §7.3.
     """
     for name, param in model.named_parameters():
         target = torch.float32 if keep_fp32_islands and is_fp32_param(name) else dtype
@@ -339,7 +341,8 @@ class BerniniDiT(nn.Module):
         return grids
 
     def _prepare_context(self, context, context_lens, batch, dtype, device):
-        """Zero-pad to max(L, 512) rows (never truncate, §3.7/§4.4) and build the per-sample key mask."""
+        """Zero-pad to max(L, 512) rows (never truncate, docs/official_behaviour.md §3.7/§4.4) and build the per-sample
+        key mask."""
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.config.text_dim:
             raise BerniniError(
                 f"context: expected [{batch}, L, {self.config.text_dim}] text features, got {list(context.shape)}."

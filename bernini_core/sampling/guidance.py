@@ -1,6 +1,6 @@
 """Bernini-R guidance modes: which DiT passes ("arms") to run and how to combine them.
 
-Spec: bernini.md §4.7 (Bernini-R table + APG paragraph), §11.3 (dtypes), §11.4
+Rules: docs/official_behaviour.md §4.7 (Bernini-R table + APG paragraph), §7.3 (dtypes), §7.4
 (arm call order). Reference behaviour: the official ``GEN_Wanx22.sample``.
 
 Every mode is a *chain*: a base arm followed by rungs, each rung adding
@@ -49,7 +49,7 @@ FRAME_DIMS = (-1, -2, -4)
 class Arm:
     """One DiT pass: which source streams sit next to the target, and which text.
 
-    Bernini-R combos (§4.7): ``"none"`` target only, ``"V"`` first source video,
+    Bernini-R combos (docs/official_behaviour.md §4.7): ``"none"`` target only, ``"V"`` first source video,
     ``"I"`` the images, ``"VI"`` every source; text ``"pos"`` or ``"neg"``.
     The fields are plain strings so other modes can bring their own vocabulary.
     """
@@ -78,7 +78,7 @@ class Omegas:
 
     def scaled(self, factor: float) -> "Omegas":
         """All scales times ``factor`` (``omega_scale``, applied once at the first
-        low-noise step, §4.5); Python float products like the official loop."""
+        low-noise step, docs/official_behaviour.md §4.5); Python float products like the official loop."""
         return Omegas(self.vid * factor, self.img * factor, self.txt * factor, self.tgt * factor)
 
 
@@ -170,7 +170,7 @@ def flat_project(
 ) -> torch.Tensor:
     """parallel_scale·δ_∥ + orthogonal_scale·δ_⊥ over the whole flattened tensor per
     batch row, in the tensors' own dtype: the velocity-space projection P(δ, ref)
-    of the full-Bernini ``*_wapg`` modes (§4.7), with ‖ref‖² clamped at ``eps``."""
+    of the full-Bernini ``*_wapg`` modes (docs/official_behaviour.md §4.7), with ‖ref‖² clamped at ``eps``."""
     rows = delta.shape[0]
     d, r = delta.reshape(rows, -1), ref.reshape(rows, -1)
     coeff = (d * r).sum(dim=1, keepdim=True) / (r * r).sum(dim=1, keepdim=True).clamp_min(eps)
@@ -217,7 +217,7 @@ class _ModeSpec:
         ]
 
 
-# Base arm first, then rungs: this is also the official call order (§11.4). None of the
+# Base arm first, then rungs: this is also the official call order (docs/official_behaviour.md §7.4). None of the
 # Bernini-R modes skips an arm when its ω is 0 (the official sample() always runs them all).
 _MODES = {
     # ε∅ + ω_vid(εV − ε∅) + ω_img(εVI − εV) + ω_txt(εVI(T) − εVI)

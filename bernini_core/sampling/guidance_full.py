@@ -1,6 +1,6 @@
 """Full-Bernini guidance modes: which DiT passes ("arms") to run and how to combine them.
 
-Spec: bernini.md §4.7 ("Full Bernini" part), §11.3 (dtypes), §11.4 (fixed ``v2v_apg``
+Rules: docs/official_behaviour.md §4.7 ("Full Bernini" part), §7.3 (dtypes), §7.4 (fixed ``v2v_apg``
 settings, arm call order, rejection of Bernini-R names). Reference behaviour: the
 official ``sample_bernini_wvitcfg`` → ``sample_one_step``.
 
@@ -14,7 +14,7 @@ unconditional base ε(wovae, wotxt_wovit) followed by rungs, each adding
   projection P(δ, ref) = 0.2·δ_∥ + 1.0·δ_⊥ (:func:`flat_project`), ref = the rung;
 * ``v2v_apg`` is x-space APG with settings fixed at η 1, momentum 0, threshold 50.
 
-Arithmetic stays in the arms' dtype (bf16 with the official loaders, §11.3) and follows
+Arithmetic stays in the arms' dtype (bf16 with the official loaders, docs/official_behaviour.md §7.3) and follows
 the official order of operations, so bf16 roundings match. Tensors are our spatial
 latents ``[B, C, T, H, W]`` (the flat projection does not care about the layout; the
 ``v2v_apg`` per-frame norms need it).
@@ -34,12 +34,15 @@ __all__ = ["FULL_MODES", "FULL_COMBOS", "FULL_CONTEXTS", "FullArm", "FullGuidanc
 
 FULL_MODES: tuple = ("vae_txt_vit_wapg", "vae_txt_vit", "rv2v_wapg", "v2v_apg")
 
-# Source streams next to the target: none, images only, videos only, all (images then videos, §4.2).
+# Source streams next to the target: none, images only, videos only, all (images then videos,
+# docs/official_behaviour.md §4.2).
 FULL_COMBOS: tuple = ("wovae", "wimgvae", "wvidvae", "wvae")
-# The four planner-conditioned cross-attention contexts of §3.7 (with/without text, with/without ViT plan).
+# The four planner-conditioned cross-attention contexts of docs/official_behaviour.md §3.7 (with/without text,
+# with/without ViT plan).
 FULL_CONTEXTS: tuple = ("wtxt_wvit", "wtxt_wovit", "wotxt_wvit", "wotxt_wovit")
 
-# §11.4: the official full-Bernini v2v_apg never receives the CLI --eta/--momentum/--norm_threshold.
+# docs/official_behaviour.md §7.4: the official full-Bernini v2v_apg never receives the CLI
+# --eta/--momentum/--norm_threshold.
 V2V_APG_SETTINGS = APGConfig(eta=1.0, momentum=0.0, norm_threshold=(50.0,))
 
 
@@ -93,7 +96,7 @@ _MODES = {
     # the same rungs without projection
     "vae_txt_vit": _ModeSpec(_VAE_TXT_VIT_RUNGS),
     # base + ω_vid(ε_V − base) + ω_img(ε_VI − ε_V) + ω_txt(ε_VTI − ε_VI) + ω_tgt(ε_VTIC − ε_VTI):
-    # plain differences despite the name (§4.7); ε_VTIC is the ε_full arm
+    # plain differences despite the name (docs/official_behaviour.md §4.7); ε_VTIC is the ε_full arm
     "rv2v_wapg": _ModeSpec((
         _Rung(VID, "vid", falls_back=True),
         _Rung(SRC, "img", falls_back=True),
@@ -114,7 +117,7 @@ def _skipped(rung: _Rung, omegas: Omegas) -> bool:
 class FullGuidance:
     """Arms and guided velocity of one full-Bernini guidance mode.
 
-    Per step: ``arms(omegas)`` lists the DiT passes to run (official order, §11.4;
+    Per step: ``arms(omegas)`` lists the DiT passes to run (official order, docs/official_behaviour.md §7.4;
     batching them is fine), ``combine(eps, omegas, sample=x_t, sigma=σ)`` returns the
     guided velocity for the scheduler. ``omegas`` are the current ones (after the
     one-off ``omega_scale`` at the expert switch, which scales ω_tgt too:
@@ -124,7 +127,7 @@ class FullGuidance:
 
     def __init__(self, mode: str, apg: Optional[APGConfig] = None):
         """``apg`` is accepted so a loop can build either guidance the same way, and is
-        ignored: full-Bernini ``v2v_apg`` always uses :data:`V2V_APG_SETTINGS` (§11.4)."""
+        ignored: full-Bernini ``v2v_apg`` always uses :data:`V2V_APG_SETTINGS` (docs/official_behaviour.md §7.4)."""
         if mode not in _MODES:
             hint = " is a Bernini-R mode and" if mode in RENDERER_MODES else ""
             raise BerniniError(

@@ -4,9 +4,9 @@ Both work on our spatial target latent ``[B, 16, T, H, W]`` (float32). The
 official sampler packs it as ``b (t h w) (ph pw c)``; every operation here is
 elementwise, so the layout does not change a single number.
 
-Fidelity notes (spec/bernini.md §4.6, §11.3; wan_qwen.md §1.6):
+Fidelity notes (docs/official_behaviour.md §4.6, §7.3; docs/wan_qwen.md §1.6):
 
-* UniPC reproduces diffusers 0.35.2 (the official environment pin, spec §6.6)
+* UniPC reproduces diffusers 0.35.2 (the official environment pin, docs/official_behaviour.md §6.4)
   ``UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
   solver_order=2, solver_type="bh2", lower_order_final=True, final_sigmas_type="zero")``.
   Its flow sigmas come from ``1 - linspace(1, 1/T, n+1)``, i.e. raw
@@ -40,12 +40,12 @@ __all__ = [
 
 
 def shift_sigmas(sigmas, shift: float):
-    """Flow time shift σ' = s·σ / (1 + (s − 1)·σ) (wan_qwen.md §1.6), in the input's dtype."""
+    """Flow time shift σ' = s·σ / (1 + (s − 1)·σ) (docs/wan_qwen.md §1.6), in the input's dtype."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 def expert_split(timesteps, boundary: float = 0.875, num_train_timesteps: int = 1000) -> int:
-    """Number of leading steps run by the high-noise expert (spec §4.5).
+    """Number of leading steps run by the high-noise expert (docs/official_behaviour.md §4.5).
 
     The official loop picks the high expert while ``t >= boundary * num_train_timesteps``.
     The comparison is done elementwise on the timesteps tensor itself so that it uses
@@ -73,7 +73,7 @@ class _StepCounter:
 
     @property
     def current_sigma(self) -> float:
-        """σ of the step about to be taken (the official APG x-space sigma, spec §4.7)."""
+        """σ of the step about to be taken (the official APG x-space sigma, docs/official_behaviour.md §4.7)."""
         return float(self.sigmas[min(self._step_index, self.num_inference_steps - 1)])
 
     @property
@@ -291,8 +291,8 @@ def make_scheduler(use_unipc: bool, shift: float):
 
 
 # The UniPC configuration this module implements (the stock Wan2.2 -Diffusers scheduler_config.json, what the
-# official code loads and only overrides flow_shift of, §4.6). A release whose file differs would be sampled
-# differently by the official code, so loaders check it.
+# official code loads and only overrides flow_shift of, docs/official_behaviour.md §4.6). A release whose file differs
+# would be sampled differently by the official code, so loaders check it.
 STOCK_UNIPC_CONFIG = {
     "solver_order": 2,
     "solver_type": "bh2",
