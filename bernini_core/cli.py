@@ -190,6 +190,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--images", nargs="+", default=None, help="reference image file(s) (default: none)")
     g.add_argument("--output", default="outputs/output.mp4", help="output file: one frame is written as an "
                    "image (.png unless another image type is named), several as H.264 .mp4 (default: %(default)s)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output file; without it an existing "
+                   "file is kept and the result goes to the next free numbered name, e.g. output_00001.mp4 "
+                   "(default: off)")
 
     g = gen.add_argument_group("generation (default: the task's official preset)")
     for name, kind, text in GENERATION_FLAGS:
@@ -351,19 +354,27 @@ def check_runs(args: argparse.Namespace, runs: list[dict], family: str, version:
     if args.video_fps is not None:
         log.warning("--video_fps is ignored: video files carry their own frame rate (video_fps is for in-memory "
                     "frames in the Python API).")
+    planned: dict[Path, int] = {}
     for index, run in enumerate(runs):
         prefix = f"--inputs entry {index}: " if args.inputs else ""
         try:
-            _check_run(args, run, family, version, prefix)
+            target = _check_run(args, run, family, version, prefix)
         except BerniniError as exc:
             raise BerniniError(prefix + str(exc)) from None
+        # two runs of one batch must not write one file (numbering would hide it, --overwrite would lose one)
+        key = target.resolve()
+        if key in planned:
+            raise BerniniError(f"--inputs entries {planned[key]} and {index} both write {str(target)!r}; give each "
+                               "entry its own 'output'.")
+        planned[key] = index
 
 
 def _as_list(value) -> list:
     return [] if value is None else ([value] if isinstance(value, str) else list(value))
 
 
-def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str) -> None:
+def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str) -> Path:
+    """Check one run; returns the output path it aims at (after the image/video extension rule)."""
     from . import media
     from .denoise import check_scheduler
     from .pipeline import vae_tiling
@@ -449,6 +460,7 @@ def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str
     media.check_output_path(output)
     if not spec.single_frame and Path(output).suffix.lower() == ".webm":  # media.save_output refuses it too
         raise BerniniError(f"output {str(output)!r}: WebM cannot hold H.264 video; use a .mp4 path.")
+    return media.planned_output(output, 1 if spec.single_frame or settings["num_frames"] == 1 else 2)
 
 
 @contextlib.contextmanager
@@ -510,6 +522,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                 image=task.get("image"),
                 images=task.get("images"),
                 output_path=task.get("output") or args.output,
+                overwrite=args.overwrite,
                 **kwargs,
             )
             count = out.frames.shape[0]

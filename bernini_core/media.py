@@ -367,18 +367,20 @@ def _frames_for_saving(frames) -> np.ndarray:
     return (np.clip(a.astype(np.float32, copy=False), 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def _output_target(path: Path, n_frames: int) -> tuple[Path, str, str]:
+def _output_target(path: Path, n_frames: int, quiet: bool = False) -> tuple[Path, str, str]:
     """(final path, kind, container format) after the official extension rule."""
     suffix = path.suffix.lower()
     if n_frames == 1:
         if suffix not in _IMAGE_FORMATS:
             new = path.with_suffix(".png")
-            log.warning("one frame is saved as an image: writing %s instead of %s", new, path)
+            if not quiet:
+                log.warning("one frame is saved as an image: writing %s instead of %s", new, path)
             path, suffix = new, ".png"
         return path, "image", _IMAGE_FORMATS[suffix]
     if suffix not in _VIDEO_FORMATS:
         new = path.with_suffix(".mp4")
-        log.warning("%d frames are saved as a video: writing %s instead of %s", n_frames, new, path)
+        if not quiet:
+            log.warning("%d frames are saved as a video: writing %s instead of %s", n_frames, new, path)
         path, suffix = new, ".mp4"
     fmt = _VIDEO_FORMATS[suffix]
     if fmt is None:
@@ -411,13 +413,17 @@ def _umask() -> int:
     return mask
 
 
-def save_output(frames, path, *, fps: float, make_parents: bool = False) -> Path:
+def save_output(frames, path, *, fps: float, make_parents: bool = False, overwrite: bool = False) -> Path:
     """Write frames ``[F, H, W, 3]`` (float 0..1 or uint8): one frame → image
     (PNG unless the path names another image type), several → H.264 MP4
     (libx264, yuv420p, crf 8) at ``fps``. Like the official, a path whose
     extension does not fit the frame count gets ".png" / ".mp4" instead, and the
     path actually written is returned. The file is written beside the target and
     renamed into place, so a failure never destroys an existing file.
+    An existing file is never replaced unless ``overwrite``: the result goes to
+    the next free numbered name (``clip_00001.mp4``, as ComfyUI's savers number
+    theirs) and the log says so; the name is claimed atomically (a hard link that
+    fails when the name exists), so a concurrent writer cannot be clobbered either.
     The parent folder must exist unless ``make_parents`` (the official pipeline
     creates it before saving)."""
     data = _frames_for_saving(frames)
@@ -451,7 +457,7 @@ def save_output(frames, path, *, fps: float, make_parents: bool = False) -> Path
         else:
             _write_video(data, tmp, fmt, fps)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, final)
+        written = _place(tmp, final, overwrite)
     except BaseException as exc:
         try:
             os.unlink(tmp)
@@ -460,7 +466,46 @@ def save_output(frames, path, *, fps: float, make_parents: bool = False) -> Path
         if isinstance(exc, OSError) or type(exc).__module__.startswith("av"):
             raise BerniniError(f"writing {str(final)!r} failed: {exc}") from exc
         raise
-    return final
+    if written != final:
+        log.warning("%s already exists; wrote %s instead (overwrite=True / --overwrite replaces it).", final, written)
+    return written
+
+
+MAX_NUMBERED = 99999
+
+
+def numbered_names(path: Path):
+    """``path``, then ``stem_00001.ext``, ``stem_00002.ext``, ...: the names tried for an output."""
+    yield path
+    for index in range(1, MAX_NUMBERED + 1):
+        yield path.with_name(f"{path.stem}_{index:05d}{path.suffix}")
+
+
+def _place(tmp: str, final: Path, overwrite: bool) -> Path:
+    """Move the finished temporary file to ``final`` (replacing it only if ``overwrite``), else to the first free
+    numbered name; returns the path written."""
+    if overwrite:
+        os.replace(tmp, final)
+        return final
+    for candidate in numbered_names(final):
+        try:
+            os.link(tmp, candidate)  # atomic: fails if the name exists
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links on this file system: check, then rename
+            if candidate.exists():
+                continue
+            os.replace(tmp, candidate)
+            return candidate
+        os.unlink(tmp)
+        return candidate
+    raise BerniniError(f"output {str(final)!r} and its {MAX_NUMBERED} numbered names all exist; choose another "
+                       "output path or pass overwrite=True (--overwrite).")
+
+
+def planned_output(path, n_frames: int) -> Path:
+    """The path ``save_output`` aims at for ``n_frames`` frames (after the extension rule), before numbering."""
+    return _output_target(Path(path), n_frames, quiet=True)[0]
 
 
 def check_output_path(path) -> None:

@@ -296,8 +296,11 @@ class RendererPipeline(BerniniPipeline):
         image=None,
         images=None,
         output_path: Optional[str] = None,
+        overwrite: bool = False,
         **kwargs,
     ) -> BerniniOutput:
+        """Render one task. ``output_path``: also write the result there (image or MP4); an existing file is kept
+        and the next free numbered name is used unless ``overwrite`` (``BerniniOutput.output_path`` says which)."""
         settings = self.resolve(task, kwargs)
         tiling = vae_tiling(settings)
         if output_path is not None:
@@ -323,5 +326,6 @@ class RendererPipeline(BerniniPipeline):
             prompt_text=embeds.positive_text,
         )
         if output_path is not None:
-            out.output_path = str(media.save_output(frames, output_path, fps=settings["fps"], make_parents=True))
+            out.output_path = str(media.save_output(frames, output_path, fps=settings["fps"], make_parents=True,
+                                                    overwrite=overwrite))
         return out

@@ -326,7 +326,8 @@ class FullPipeline(BerniniPipeline):
     # ------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(self, task: str, prompt: str, *, video=None, image=None, images=None,
-                 output_path: Optional[str] = None, **kwargs) -> BerniniOutput:
+                 output_path: Optional[str] = None, overwrite: bool = False, **kwargs) -> BerniniOutput:
+        """As ``BerniniPipeline.__call__``: planner, renderer, decode; ``output_path`` / ``overwrite`` alike."""
         settings = self.resolve(task, kwargs)
         tiling = vae_tiling(settings)
         if output_path is not None:
@@ -347,7 +348,8 @@ class FullPipeline(BerniniPipeline):
         out = BerniniOutput(frames=frames, latents=raw, settings=settings,
                             prompt_text=embeds.positive_text)
         if output_path is not None:
-            out.output_path = str(media.save_output(frames, output_path, fps=settings["fps"], make_parents=True))
+            out.output_path = str(media.save_output(frames, output_path, fps=settings["fps"], make_parents=True,
+                                                    overwrite=overwrite))
         return out
 
 
