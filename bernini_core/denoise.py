@@ -164,6 +164,11 @@ def denoise(
             velocity = guidance.combine(eps, omegas, sample=sample, sigma=sigma)
             denoised = sample - sigma * velocity.float()  # the x0 estimate, what ComfyUI previews
             sample = scheduler.step(velocity, sample)
+            if not bool(torch.isfinite(sample).all()):  # one reduction per step; a NaN video is never written
+                raise BerniniError(
+                    f"sampling step {index + 1}/{total} ({current.name}) produced non-finite latents (NaN or inf): "
+                    "the expert's weights hold NaN/inf (a corrupt or wrongly converted checkpoint: re-download "
+                    "it), a source or LATENT input is broken, or a guidance weight is extreme. Nothing was written.")
             runtime.progress("sample", index + 1, total, latent=denoised)
             if on_step is not None:
                 on_step(index, total, sample)

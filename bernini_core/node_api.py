@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Optional
 
 import numpy as np
@@ -275,6 +276,9 @@ def sample(renderer: RendererModel, conditioning: Conditioning, sources: Sources
 
 def _with_expert_boundary(pipe, expert_boundary: float):
     """A shallow copy of the pipeline switching experts at `expert_boundary` (-1: the model's own)."""
+    if expert_boundary is not None and not math.isfinite(expert_boundary):  # NaN passes ComfyUI's min/max check
+        raise BerniniError(f"Sample Bernini Video: expert_boundary is {expert_boundary}; give a number in [0, 1] "
+                           "(0.875 in the release) or -1 for the model's own.")
     if expert_boundary is None or expert_boundary < 0:
         return pipe
     if expert_boundary > 1:

@@ -128,10 +128,62 @@ def renderer_preset(task: str) -> dict[str, Any]:
     return preset
 
 
+# The real-valued settings and the range each must lie in. NaN / inf / 1e30 there give a black or NaN video after
+# the whole run, so they are refused up front. The bounds are generous sanity limits, far outside every official
+# preset and the gradio sliders (omegas 0-10, omega_scale 0-2, flow_shift 0-12, fps 1-30).
+FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
+    **{name: (-100.0, 100.0, "a guidance weight (the presets use 0.5-5)")
+       for name in ("omega_vid", "omega_img", "omega_txt", "omega_tgt")},
+    "omega_scale": (0.0, 100.0, "the low-noise expert's scale of the guidance weights (the presets use 0.75-1)"),
+    "eta": (-100.0, 100.0, "the APG parallel-component weight (the official 0.5 / 1.0)"),
+    "momentum": (-10.0, 10.0, "the APG momentum (the official 0)"),
+    "norm_threshold": (0.0, 1e6, "the APG norm threshold (the official 50)"),
+    "flow_shift": (1e-3, 100.0, "the scheduler's flow shift (the official 5.0)"),
+    "vit_txt_cfg": (-100.0, 100.0, "the planner's text CFG scale (the official 1.2)"),
+    "vit_img_cfg": (-100.0, 100.0, "the planner's image CFG scale (the official 1.0)"),
+    "fps": (1e-3, 1000.0, "the output frame rate (the official 16)"),
+    "video_fps": (1e-3, 1000.0, "the frame rate of in-memory source frames"),
+}
+INTEGRAL_SIZES = ("height", "width")
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) or (
+        hasattr(value, "item") and getattr(value, "ndim", 1) == 0)
+
+
+def check_numbers(settings: Mapping[str, Any]) -> None:
+    """Every real-valued setting finite and in its range; height/width whole numbers. One error naming the
+    setting, its value and the range, before any work."""
+    import math
+
+    for name, (low, high, what) in FLOAT_RANGES.items():
+        value = settings.get(name)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, (list, tuple)) and name == "norm_threshold" else [value]
+        for item in values:
+            if not _real(item):
+                raise BerniniError(f"{name} must be a number, got {item!r}; it is {what}.")
+            number = float(item)
+            if not math.isfinite(number) or not low <= number <= high:
+                raise BerniniError(f"{name} is {item!r}; it must be a finite number in [{low:g}, {high:g}]: "
+                                   f"{what}.")
+    for name in INTEGRAL_SIZES:
+        value = settings.get(name)
+        if value is None:
+            continue
+        if not _real(value) or not math.isfinite(float(value)) or float(value) != int(float(value)):
+            raise BerniniError(f"{name} is {value!r}; it must be a whole number of pixels (a multiple of 16, or 0 "
+                               "for the source's size where the task allows it).")
+
+
 def resolve_settings(preset: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Preset values overridden by every explicitly given (non-None) keyword."""
+    """Preset values overridden by every explicitly given (non-None) keyword, with every real-valued setting
+    checked (``check_numbers``)."""
     settings = dict(preset)
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    check_numbers(settings)
     return settings
 
 

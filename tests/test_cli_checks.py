@@ -137,7 +137,7 @@ def _run(config, *args):
     (["--task_type", "t2v", "--guidance_mode", "vae_txt_vit_wapg"], ("not a Bernini-R mode",)),
     (["--task_type", "t2v", "--no-use_unipc"], ("t2v_apg", "needs the UniPC scheduler")),
     (["--task_type", "t2v", "--num_frames", "0"], ("--num_frames 0", "at least 1")),
-    (["--task_type", "t2v", "--fps", "0"], ("--fps 0",)),
+    (["--task_type", "t2v", "--fps", "0"], ("fps is 0", "finite number in [0.001, 1000]")),
     (["--task_type", "t2v", "--num_inference_steps", "0"], ("--num_inference_steps 0",)),
     (["--task_type", "t2v", "--height", "0"], ("height/width must be positive",)),
     (["--task_type", "t2v", "--vae_tile_px", "8"], ("tile_px=8",)),

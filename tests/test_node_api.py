@@ -431,6 +431,13 @@ def test_sampling_refuses_contradicting_inputs(pack, loaded, prepared):
     with pytest.raises(BerniniError, match="expert_boundary 1.5 must be in"):
         pack.BerniniSampleVideo.sample(r, prepared["R"].cond, prepared["R"].sources, "auto", 2, 0.0,
                                        *OMEGAS_AT_PRESET, SEED, 1.5)
+    # NaN passes ComfyUI's min/max widget check, so the node checks it (and a NaN omega through the settings)
+    with pytest.raises(BerniniError, match="expert_boundary is nan"):
+        pack.BerniniSampleVideo.sample(r, prepared["R"].cond, prepared["R"].sources, "auto", 2, 0.0,
+                                       *OMEGAS_AT_PRESET, SEED, float("nan"))
+    with pytest.raises(BerniniError, match="omega_txt is nan"):
+        pack.BerniniSampleVideo.sample(r, prepared["R"].cond, prepared["R"].sources, "auto", 2, 0.0,
+                                       -1.0, -1.0, float("nan"), -1.0, -1.0, SEED, -1.0)
 
 
 def test_planning_refuses_contradicting_inputs(pack, loaded, prepared):
