@@ -9,6 +9,7 @@ full-Bernini presets of docs/official_behaviour.md §5.1–§5.2 live beside the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -155,8 +156,6 @@ def _real(value) -> bool:
 def check_numbers(settings: Mapping[str, Any]) -> None:
     """Every real-valued setting finite and in its range; height/width whole numbers. One error naming the
     setting, its value and the range, before any work."""
-    import math
-
     for name, (low, high, what) in FLOAT_RANGES.items():
         value = settings.get(name)
         if value is None:
