@@ -209,12 +209,7 @@ def apply_case_file(args: argparse.Namespace) -> None:
     if not args.case:
         return
     path = Path(args.case)
-    try:
-        case = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BerniniError(f"--case file {str(path)!r} does not exist.") from None
-    except json.JSONDecodeError as exc:
-        raise BerniniError(f"--case file {str(path)!r} is not valid JSON ({exc}).") from None
+    case = _read_json_file(path, "--case")
     if not isinstance(case, dict):
         raise BerniniError(f"--case file {str(path)!r} must hold a single JSON object.")
     unknown = sorted(set(case) - set(CASE_KEYS))
@@ -245,12 +240,33 @@ def _check_case_types(case: dict, where: str) -> None:
 
 
 def _relative_to(base: Path, value: str) -> str:
-    """Media paths in a case file may be relative to the case file or to the working directory."""
+    """A relative media path in a case / batch file: beside that file first, else the working directory (a path
+    found in neither stays as written, and the error says where it was looked for)."""
     p = Path(value)
-    if p.is_absolute() or p.exists():
+    if p.is_absolute():
         return str(p)
     candidate = base / p
     return str(candidate) if candidate.exists() else str(p)
+
+
+def _read_json_file(path: Path, flag: str):
+    """The parsed JSON (or JSON-lines) of a --case / --inputs file, or one clear error naming the file."""
+    if path.is_dir():
+        raise BerniniError(f"{flag} {str(path)!r} is a folder, not a JSON file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BerniniError(f"{flag} file {str(path)!r} does not exist.") from None
+    except UnicodeDecodeError:
+        raise BerniniError(f"{flag} file {str(path)!r} is not UTF-8 text; save it as UTF-8 JSON.") from None
+    except OSError as exc:
+        raise BerniniError(f"{flag} file {str(path)!r} cannot be read ({exc.strerror}).") from None
+    try:
+        if flag == "--inputs" and path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BerniniError(f"{flag} file {str(path)!r} is not valid JSON ({exc}).") from None
 
 
 def resolve_config(config: str, workdir: Optional[Path]) -> str:
@@ -285,14 +301,9 @@ def load_tasks(args: argparse.Namespace) -> list[dict]:
         if args.case:
             raise BerniniError("--case (one example) and --inputs (a batch) cannot be combined.")
         path = Path(args.inputs)
-        try:
-            text = path.read_text(encoding="utf-8")
-            entries = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"
-                       else json.loads(text))
-        except FileNotFoundError:
-            raise BerniniError(f"--inputs file {str(path)!r} does not exist.") from None
-        except json.JSONDecodeError as exc:
-            raise BerniniError(f"--inputs file {str(path)!r} is not valid JSON ({exc}).") from None
+        entries = _read_json_file(path, "--inputs")
+        if entries == []:
+            raise BerniniError(f"--inputs file {str(path)!r} holds no entries: nothing to do.")
         if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("prompt") for e in entries):
             raise BerniniError(f"--inputs file {str(path)!r} must hold a list of objects that each set 'prompt'.")
         base = path.parent

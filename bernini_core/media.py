@@ -447,7 +447,8 @@ def save_output(frames, path, *, fps: float, make_parents: bool = False, overwri
         raise BerniniError(f"output path {str(final)!r} is a folder; give a file name.")
 
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=parent)
+        # a short temporary name: a legal 255-byte output name must not fail on its own ".part" sibling
+        fd, tmp = tempfile.mkstemp(prefix=".bernini-", suffix=".part", dir=parent)
         os.close(fd)
     except OSError as exc:
         raise BerniniError(f"cannot write to output folder {str(parent)!r} for {str(final)!r}: {exc}") from exc

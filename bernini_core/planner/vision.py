@@ -233,7 +233,7 @@ def load_vit_processor(mllm_dir):
         return TorchVitProcessor.from_folder(mllm_dir)
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(str(mllm_dir))
+    return AutoProcessor.from_pretrained(str(mllm_dir), local_files_only=True)  # a local folder: never the network
 
 
 def _as_tuple(grid: Tensor) -> tuple[int, int, int]:
