@@ -138,6 +138,9 @@ def frame_indices(total_frames: int, video_fps: float, target_fps: float, n_fram
 # --------------------------------------------------------------------------- decoding
 
 def _require_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise BerniniError(f"{str(path)!r} is a folder, not {'an' if what[0] in 'aeiou' else 'a'} {what} file; "
+                           f"give the path of the {what} itself.")
     if not path.is_file():
         raise BerniniError(f"{what} file {str(path)!r} does not exist; check the path.")
 

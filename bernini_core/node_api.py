@@ -220,10 +220,13 @@ def _guidance_mode(renderer: RendererModel, guidance_mode: str, preset: dict) ->
         return None
     valid = RENDERER_MODES if renderer.family == RENDERER_FAMILY else FULL_MODES
     if guidance_mode not in valid:
-        kind = "full-Bernini" if renderer.family == RENDERER_FAMILY else "Bernini-R"
-        raise BerniniError(f"Sample Bernini Video: guidance_mode {guidance_mode!r} is a {kind} mode but the renderer "
-                           f"is {renderer.label}; choose auto ({preset['guidance_mode']}) or one of "
-                           f"{', '.join(valid)}.")
+        if guidance_mode in FULL_MODES or guidance_mode in RENDERER_MODES:
+            kind = "full-Bernini" if guidance_mode in FULL_MODES else "Bernini-R"
+            what = f"is a {kind} mode but the renderer is {renderer.label}"
+        else:
+            what = f"is not a guidance mode of {renderer.label}"
+        raise BerniniError(f"Sample Bernini Video: guidance_mode {guidance_mode!r} {what}; choose auto "
+                           f"({preset['guidance_mode']}) or one of {', '.join(valid)}.")
     return guidance_mode
 
 
@@ -298,7 +301,11 @@ def decode(vae: VAEModel, latent: dict, tiled: bool = False, tile_size: int = 25
     A batch of B latents decodes to B·F frames, one video after the other."""
     from .vae_tiling import TilingConfig
 
-    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(latent, dict) or "samples" not in latent:
+        got = type(latent).__name__ if not isinstance(latent, dict) else f"a dict with keys {sorted(latent)}"
+        raise BerniniError(f"Decode Bernini VAE: samples must be a LATENT, i.e. {{'samples': tensor [batch, 16, T, "
+                           f"H/8, W/8]}}; got {got}. Connect a LATENT output (Sample Bernini Video, a Wan node).")
+    samples = latent["samples"]
     z_dim = vae.pipeline.components.vae.config.z_dim
     if not isinstance(samples, torch.Tensor) or samples.dim() != 5 or samples.shape[1] != z_dim:
         shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__

@@ -67,3 +67,39 @@ def test_the_planner_processor_is_read_from_the_folder_only(tmp_path, monkeypatc
     monkeypatch.setattr(AutoProcessor, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
     vision.load_vit_processor(tmp_path)
     assert seen.get("local_files_only") is True
+
+
+def test_a_folder_given_as_a_media_file_is_called_a_folder(tmp_path):
+    from bernini_core import BerniniError
+    from bernini_core.planner.vision import open_image_for_vit
+
+    with pytest.raises(BerniniError, match="is a folder, not a video file"):
+        media.read_video(tmp_path)
+    with pytest.raises(BerniniError, match="is a folder, not an image file"):
+        open_image_for_vit(tmp_path)
+
+
+def test_decode_given_a_bare_tensor_says_what_it_expected():
+    import torch
+
+    from bernini_core import BerniniError, node_api
+
+    with pytest.raises(BerniniError, match=r"samples must be a LATENT, i.e. \{'samples': tensor .*got Tensor"):
+        node_api.decode(None, torch.zeros(1, 16, 2, 4, 4))
+    with pytest.raises(BerniniError, match=r"got a dict with keys \['latent'\]"):
+        node_api.decode(None, {"latent": torch.zeros(1, 16, 2, 4, 4)})
+
+
+@pytest.mark.parametrize("family, label, mode, fragment", [
+    ("bernini_renderer", "Bernini-R", "vae_txt_vit_wapg", "is a full-Bernini mode but the renderer is Bernini-R"),
+    ("bernini_renderer", "Bernini-R", "bogus", "is not a guidance mode of Bernini-R"),
+    ("bernini", "Bernini v2", "bogus", "is not a guidance mode of Bernini v2"),
+])
+def test_a_bad_node_guidance_mode_is_named_for_what_it_is(family, label, mode, fragment):
+    from types import SimpleNamespace
+
+    from bernini_core import BerniniError, node_api
+
+    renderer = SimpleNamespace(family=family, label=label)
+    with pytest.raises(BerniniError, match=fragment):
+        node_api._guidance_mode(renderer, mode, {"guidance_mode": "t2v"})

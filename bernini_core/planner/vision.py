@@ -141,6 +141,8 @@ def open_image_for_vit(path) -> Image.Image:
     from PIL import ImageOps
 
     path = Path(path)
+    if path.is_dir():
+        raise BerniniError(f"{str(path)!r} is a folder, not an image file; give the path of the image itself.")
     if not path.is_file():
         raise BerniniError(f"image file {str(path)!r} does not exist; check the path.")
     try:
