@@ -10,7 +10,6 @@ vision tower, so the bit-for-bit checks fail if the engine attends chunk by chun
 relative on the tiny checkpoints) or builds the rotary table in float32 (transformers 5.x: also 8.7e-3).
 """
 
-import math
 
 import pytest
 import torch

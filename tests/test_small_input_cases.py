@@ -2,7 +2,6 @@
 media files a case file means, long output names, and the planner processor never reaching for the network."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
