@@ -9,12 +9,14 @@ the meta device (docs/architecture.md §5).
 import enum
 import json
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 
 from .errors import BerniniError
 from .keymaps.wan_dit import is_diffusers_dit_keys, is_original_wan_keys
+from .weight_files import broken_file, check_config_types, refetch_hint
+from .weight_files import read_safetensors_header as _checked_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -31,7 +33,7 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+T = TypeVar("T")
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -47,42 +49,41 @@ def read_json(path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise BerniniError(f"'{path}' is missing; the model folder is incomplete, re-download it.") from None
+        raise broken_file(path, "is missing: the model folder is incomplete") from None
     except UnicodeDecodeError:
-        raise BerniniError(f"'{path}' is not a UTF-8 text file; it is probably corrupted, re-download it.") from None
+        raise broken_file(path, "is not a UTF-8 text file; it is probably corrupted") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BerniniError(
-            f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
-            f"the file is probably corrupted or truncated, re-download it."
-        ) from None
+        raise broken_file(path, f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); the file "
+                                f"is probably corrupted or truncated") from None
     if not isinstance(data, dict):
-        raise BerniniError(f"'{path}' must hold a JSON object, found {type(data).__name__}.")
+        raise broken_file(path, f"must hold a JSON object, found {type(data).__name__}")
     return data
 
 
+def read_config(path, build: Callable[[dict], T], types: Optional[dict] = None) -> T:
+    """``build(data)`` of a JSON config file, after checking the JSON types of the keys ``types`` names
+    (weight_files.check_config_types); every BerniniError the build raises names the file."""
+    path = Path(path)
+    data = read_json(path)
+    if types:
+        check_config_types(path, data, types)
+    try:
+        return build(data)
+    except BerniniError as exc:
+        if str(path) in str(exc):
+            raise
+        raise BerniniError(f"'{path}': {exc}") from None
+
+
 def read_safetensors_header(path) -> Tuple[Dict[str, dict], Dict[str, str]]:
-    """(tensor entries {key: {"dtype", "shape", ...}}, ``__metadata__``) without touching tensor data."""
+    """(tensor entries {key: {"dtype", "shape", ...}}, ``__metadata__``) without touching tensor data; a
+    truncated, corrupted or foreign file is refused naming it (weight_files.read_safetensors_header)."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         _refuse_pickle(path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if length < 2 or length > min(_MAX_HEADER_BYTES, size - 8):
-            raise BerniniError(f"'{path}' is not a safetensors file (bad header); it may be truncated or of "
-                               f"another format. Bernini loads .safetensors weights only.")
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BerniniError(f"'{path}' has a corrupted safetensors header; re-download the file.") from None
-    if not isinstance(header, dict):
-        raise BerniniError(f"'{path}' has a corrupted safetensors header; re-download the file.")
-    metadata = header.pop("__metadata__", None) or {}
-    return header, metadata
+    return _checked_header(path)
 
 
 def _select(keys: Iterable[str], prefix: str, prefer_ema: bool) -> Dict[str, str]:
@@ -140,14 +141,27 @@ class TensorSource:
     def _stored_from_index(index: Path) -> Dict[str, Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise BerniniError(f"Index '{index}' has no 'weight_map'; the file is corrupted, re-download it.")
+            raise broken_file(index, "has no 'weight_map'; the file is corrupted")
+        if not all(isinstance(v, str) and v.endswith(".safetensors") for v in weight_map.values()):
+            raise broken_file(index, "has a 'weight_map' whose values are not .safetensors file names; the file is "
+                                     "corrupted")
         files = {shard: index.parent / shard for shard in set(weight_map.values())}
         for shard, file in sorted(files.items()):
             if not file.is_file():
-                raise BerniniError(
-                    f"Shard '{shard}' named in index '{index}' is missing; the download is incomplete, "
-                    f"fetch the missing file into '{index.parent}'."
-                )
+                raise BerniniError(f"Shard '{shard}' named in index '{index}' is missing; the download is incomplete: "
+                                   f"{refetch_hint(file)}.")
+        # Every shard's header is checked now, before anything is built: a truncated shard, or one from another
+        # download that lacks tensors the index lists, is named here rather than deep inside a load.
+        listed: Dict[str, List[str]] = {}
+        for key, shard in weight_map.items():
+            listed.setdefault(shard, []).append(key)
+        for shard, keys in sorted(listed.items()):
+            header, _ = read_safetensors_header(files[shard])
+            lacking = [key for key in keys if key not in header]
+            if lacking:
+                raise broken_file(files[shard], f"lacks {len(lacking)} tensor(s) that the index '{index.name}' "
+                                                f"lists ({_listing(lacking, 3)}): it is from another download or "
+                                                f"was overwritten")
         return {key: files[shard] for key, shard in weight_map.items()}
 
     @staticmethod
@@ -450,6 +464,7 @@ def detect_layout(path) -> Layout:
                     f"Bernini-R-Diffusers folder, or the split checkpoints bernini_renderer_high/low with a "
                     f"Wan2.2 -Diffusers base."
                 )
+            check_config_types(config_path, config, {"skip_transformer_2": bool})  # "false" would read as true
             if not config.get("skip_transformer_2", False) and not (path / "transformer_2").is_dir():
                 raise BerniniError(f"'{path}' lacks transformer_2/ (the low-noise expert) although its config.json "
                                    f"does not set skip_transformer_2; the download is incomplete.")

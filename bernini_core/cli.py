@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from .errors import BerniniError
+from .progress import TqdmProgress  # light: tqdm itself is imported with the first bar
 from .tasks import TASK_NAMES, get_task
 
 log = logging.getLogger("bernini.cli")
@@ -190,9 +191,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--images", nargs="+", default=None, help="reference image file(s) (default: none)")
     g.add_argument("--output", default="outputs/output.mp4", help="output file: one frame is written as an "
                    "image (.png unless another image type is named), several as H.264 .mp4 (default: %(default)s)")
+    g.add_argument("--force", action="store_true", help="run settings beyond the sane limits: more than 200 steps, "
+                   "or a size whose working memory exceeds this machine's (default: off, such runs are refused)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file; without it an existing "
                    "file is kept and the result goes to the next free numbered name, e.g. output_00001.mp4 "
                    "(default: off)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars and no info lines on stderr; warnings, "
+                   "errors and the written paths (stdout) still print (default: off: bars for loading, encoding, "
+                   "planning, denoising and decoding)")
 
     g = gen.add_argument_group("generation (default: the task's official preset)")
     for name, kind, text in GENERATION_FLAGS:
@@ -389,7 +395,9 @@ def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str
     from . import media
     from .denoise import check_scheduler
     from .pipeline import vae_tiling
-    from .tasks import bernini_preset, check_sources, renderer_preset, resolve_settings
+    from .memory_estimate import check_fits
+    from .runtime import resolve_device
+    from .tasks import bernini_preset, check_mode_sources, check_sources, renderer_preset, resolve_settings
 
     task = run.get("task_type") or args.task_type
     spec = get_task(task)
@@ -405,6 +413,10 @@ def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str
                     where = (f" (looked for beside the {'case' if args.case else '--inputs'} file and in the working "
                              "directory)")
                 raise BerniniError(f"--{key} file {str(path)!r} {state}{where}; check the path.")
+            if key == "video":
+                media.check_video_file(path)
+            else:
+                media.check_image_file(path)
 
     # sources: r2v/rv2v take a single --image as a reference (gradio routing, docs/official_behaviour.md §6.3);
     # full Bernini's i2i edits one image
@@ -420,7 +432,7 @@ def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str
     if run.get("guidance_mode"):
         overrides["guidance_mode"] = run["guidance_mode"]
     preset = renderer_preset(task) if family == "renderer" else bernini_preset(task, version)
-    settings = resolve_settings(preset, overrides)
+    settings = resolve_settings(preset, overrides, force=args.force)
 
     mode = settings["guidance_mode"]
     if family == "renderer":
@@ -428,23 +440,17 @@ def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str
     else:
         from .sampling.guidance_full import FullGuidance as Guidance
     check_scheduler(Guidance(mode), mode, args.use_unipc)
+    check_mode_sources(mode, n_videos=len(videos), n_images=len(refs) + int(has_image), task=task,
+                       where="--guidance_mode")
 
     def need(ok: bool, name: str, rule: str) -> None:
         if not ok:
             raise BerniniError(f"--{name} {settings[name]}: {rule}.")
 
-    need(settings["num_frames"] >= 1, "num_frames", "must be at least 1 (the form 4n+1, e.g. 81)")
-    need(settings["num_inference_steps"] >= 1, "num_inference_steps", "must be at least 1")
-    need(settings["fps"] > 0, "fps", "must be positive (the official 16)")
-    need(settings["flow_shift"] > 0, "flow_shift", "must be positive (the official 5.0)")
-    need(settings["max_image_size"] >= 16, "max_image_size", "must be at least 16 (the official 848)")
+    # counts, ranges and types: resolve_settings (tasks.check_numbers); full Bernini's narrower seed range here
     if family == "full":
-        need(settings["planning_step"] >= 1, "planning_step", "must be at least 1")
-        need(settings["vit_denoising_step"] >= 1, "vit_denoising_step", "must be at least 1")
         need(0 <= settings["seed"] <= 2**32 - 1, "seed", "full Bernini's planner seeds numpy, which takes "
              "0..4294967295")
-    else:
-        need(-2**63 <= settings["seed"] <= 2**64 - 1, "seed", "torch takes -2**63..2**64-1")
     vae_tiling(settings)
 
     # size: Bernini-R takes it from the first source video or the image to edit; full Bernini from a source
@@ -460,6 +466,9 @@ def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str
     if family == "full" and (height % 16 or width % 16):
         raise BerniniError(f"full Bernini needs height/width in multiples of 16, got {height}x{width}; pass e.g. "
                            f"--height {max(16, round(height / 16) * 16)} --width {max(16, round(width / 16) * 16)}.")
+    if sized_by is None:  # the settings fix the size: its working memory can be checked now
+        check_fits(1 if spec.single_frame else int(settings["num_frames"]), height, width,
+                   resolve_device(args.device), force=args.force)
     if family == "renderer" and sized_by and (args.height is not None or args.width is not None):
         log.warning("%s--height/--width are ignored: Bernini-R takes the output size from %s (the official rule).",
                     prefix, sized_by)
@@ -495,6 +504,19 @@ def transformers_progress_bars_off() -> Iterator[None]:
         hf_logging._tqdm_active = previous
 
 
+@contextlib.contextmanager
+def progress_bars(quiet: bool) -> Iterator[Optional[TqdmProgress]]:
+    """tqdm bars on stderr for one `generate` (None with --quiet); meanwhile log lines print above the bars
+    instead of through them, and an error closes the open bar first."""
+    if quiet:
+        yield None
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(), TqdmProgress() as bars:
+        yield bars
+
+
 def run_generate(args: argparse.Namespace) -> list[Path]:
     tasks = load_tasks(args)
     family, version = model_family(args)
@@ -503,7 +525,8 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     from .pipeline import BerniniPipeline
 
     written = []
-    with tempfile.TemporaryDirectory(prefix="bernini-tiny-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bernini-tiny-") as tmp, \
+            progress_bars(getattr(args, "quiet", False)) as bars:
         config = resolve_config(args.config, Path(tmp))
         with transformers_progress_bars_off():
             pipe = BerniniPipeline.from_pretrained(  # loaded once for every run of the batch
@@ -518,8 +541,11 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                 use_src_id_rotary_emb=args.use_src_tgt_id,
                 interpolate_src_id=args.interpolate_src_id,
                 max_trained_src_id=args.max_trained_src_id,
+                progress=bars,
             )
-        for task in tasks:
+        for index, task in enumerate(tasks):
+            if bars is not None and len(tasks) > 1:
+                bars.prefix = f"run {index + 1}/{len(tasks)} "  # which run of the batch each bar belongs to
             video = task.get("video")
             if isinstance(video, list) and len(video) == 1:
                 video = video[0]
@@ -534,12 +560,14 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                 images=task.get("images"),
                 output_path=task.get("output") or args.output,
                 overwrite=args.overwrite,
+                force=args.force,
+                progress=bars,
                 **kwargs,
             )
             count = out.frames.shape[0]
             log.info("saved %s (%d frame%s, %dx%d)", out.output_path, count, "" if count == 1 else "s",
                      out.frames.shape[2], out.frames.shape[1])
-            print(out.output_path)
+            print(out.output_path, flush=True)  # stdout, bars or not: scripts read the paths from there
             written.append(Path(out.output_path))
     return written
 
@@ -548,10 +576,16 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     """The `bernini` console script (prog "bernini"); `python -m bernini_core` passes its own prog."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser(prog).parse_args(argv)
+    engine_log = logging.getLogger("bernini")
+    level = engine_log.level
+    if getattr(args, "quiet", False):
+        engine_log.setLevel(logging.WARNING)  # --quiet: warnings and errors only; restored for in-process callers
     try:
         if args.command == "generate":
             run_generate(args)
     except BerniniError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        engine_log.setLevel(level)
     return 0

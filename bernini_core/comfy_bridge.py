@@ -148,6 +148,9 @@ class ComfyRuntime(Runtime):
         _load_models(handles, memory_required)
         yield tuple(h.module for h in handles)
 
+    def acquire(self, handle: PatcherHandle, memory_required: int = 0) -> torch.nn.Module:
+        return handle.load(memory_required)  # ComfyUI's manager tracks its loaded models; nothing to count
+
     def release(self, *handles: PatcherHandle) -> None:  # nothing forced: load_models_gpu evicts on demand
         pass
 
@@ -260,9 +263,11 @@ def _bernini_roots() -> list[Path]:
 
 def _model_dirs(root: Path) -> list[str]:
     """Folders one or two levels down holding a config.json; an official folder's own sub-folders
-    (transformer/, vae/, ...) hold one too, so those are not listed."""
+    (transformer/, vae/, ...) hold one too, so those are not listed. Hidden folders are skipped: an unfinished
+    download waits in one (download.staging_folder)."""
     found = sorted(c.parent for c in root.glob("*/config.json"))
     found += sorted(c.parent for c in root.glob("*/*/config.json") if not (c.parent.parent / "config.json").is_file())
+    found = [folder for folder in found if not any(p.startswith(".") for p in folder.relative_to(root).parts)]
     return [folder.relative_to(root).as_posix() for folder in found]
 
 

@@ -139,7 +139,7 @@ def denoise(
     rows = max((ctx.shape[-2] for ctx in contexts.values()), default=512)
 
     def load(handle: ModelHandle):
-        return handle.load(handle.module.working_memory(target_tokens + source_tokens, rows))
+        return runtime.acquire(handle, handle.module.working_memory(target_tokens + source_tokens, rows))
 
     current = experts.high
     dit = load(current)

@@ -74,7 +74,10 @@ def _missing_shards(folder: Path) -> List[str]:
 def missing_files(name: str, root, part: str = "all") -> List[str]:
     """What keeps ``root/name`` from being complete for ``part``: patterns without a match, shards an index
     names but the folder lacks, or the reason the layout is not recognised. Empty when complete."""
-    target = Path(root) / name
+    return _missing_in(Path(root) / name, name, part)
+
+
+def _missing_in(target: Path, name: str, part: str) -> List[str]:
     patterns = files_needed(name, part)
     if not target.is_dir():
         return patterns
@@ -141,7 +144,14 @@ def _tqdm_reporting_to(progress):
     return ReportingTqdm
 
 
-def _snapshot(repo_id: str, target: Path, patterns: List[str], progress) -> None:
+def staging_folder(target: Path) -> Path:
+    """Where a first download of ``target`` is written; it becomes ``target`` (one rename) only once complete, so
+    an interrupted or failed download reads as "not downloaded", never as a broken model folder, and a retry
+    resumes there. Hidden (a leading dot) so model listings skip it."""
+    return target.with_name(f".{target.name}.download")
+
+
+def _snapshot(repo_id: str, target: Path, patterns: List[str], progress, final: Optional[Path] = None) -> None:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -160,9 +170,10 @@ def _snapshot(repo_id: str, target: Path, patterns: List[str], progress) -> None
     except BerniniError:
         raise
     except Exception as exc:  # network, authentication, disk: say what failed and how to do it by hand
+        final = final or target
         raise BerniniError(f"Downloading {repo_id} into '{target}' failed ({type(exc).__name__}: {exc}). Check the "
                            f"network and the free disk space, then retry, or run: hf download {repo_id} "
-                           f"--local-dir {shlex.quote(str(target))}") from None
+                           f"--local-dir {shlex.quote(str(final))}") from None
 
 
 def ensure_official_model(name: str, root, *, part: str = "all", allow_download: bool = False,
@@ -181,19 +192,30 @@ def ensure_official_model(name: str, root, *, part: str = "all", allow_download:
     missing = missing_files(name, root, part)
     if not missing:
         return target
+    stage = staging_folder(target)
     if not allow_download:
         what = "is not downloaded" if not target.exists() else f"is incomplete (missing: {_listing(missing)})"
+        resume = (f" (an earlier download stopped part-way; its files wait in '{stage}', and downloading again "
+                  f"resumes it)") if stage.is_dir() and not target.exists() else ""
         raise BerniniError(
-            f"The official model {name} {what} in '{target}'. Download it with:\n"
+            f"The official model {name} {what} in '{target}'{resume}. Download it with:\n"
             f"    {download_command(name, root)}\n"
             f"or pick download \"if missing\" in the loader node to let it fetch the files it needs.")
-    target.mkdir(parents=True, exist_ok=True)
-    _snapshot(repo_id, target, files_needed(name, part), progress)
-    still_missing = missing_files(name, root, part)
+    # A folder that already holds something (another part) is completed in place: the files it shares with the new
+    # part (bernini/, ~170 GB) must not be fetched again. A new one is staged and renamed into place when complete.
+    fresh = not target.exists() or (target.is_dir() and not any(target.iterdir()))
+    folder = stage if fresh else target
+    folder.mkdir(parents=True, exist_ok=True)
+    _snapshot(repo_id, folder, files_needed(name, part), progress, final=target)
+    still_missing = _missing_in(folder, name, part)
     if still_missing:
-        raise BerniniError(f"After downloading {repo_id}, '{target}' still lacks {_listing(still_missing)}; the "
+        raise BerniniError(f"After downloading {repo_id}, '{folder}' still lacks {_listing(still_missing)}; the "
                            f"repository may have changed layout. Run `{download_command(name, root)}` to fetch "
                            f"everything.")
+    if fresh:
+        if target.exists():
+            target.rmdir()  # the empty folder someone made for it
+        stage.rename(target)
     return target
 
 
@@ -202,4 +224,5 @@ def _listing(items: List[str], limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-__all__ = ["OFFICIAL_MODELS", "PARTS", "download_command", "ensure_official_model", "files_needed", "missing_files"]
+__all__ = ["OFFICIAL_MODELS", "PARTS", "download_command", "ensure_official_model", "files_needed", "missing_files",
+           "staging_folder"]

@@ -15,14 +15,17 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoints import Layout, TensorSource, detect_layout, load_weights_, read_json, split_checkpoint_source
+from .checkpoints import (Layout, TensorSource, detect_layout, load_weights_, read_config, read_json,
+                          split_checkpoint_source)
 from .errors import BerniniError
 from .keymaps.wan_dit import comfy_prefix, dit_key_from_original, is_original_wan_keys, strip_comfy_prefix
+from .progress import StageSteps
 from .quant import dequantize_fp8_state, fp8_format_of, fp8_ops, has_fp8_weights, normalize_quant_key
 from .renderer.config import DiTConfig
 from .renderer.transformer import BerniniDiT, is_fp32_param
-from .text_encoder import UMT5TextEncoder
+from .text_encoder import UMT5TextEncoder, check_umt5_folder
 from .vae import VAEConfig, WanVAE
+from .weight_files import check_tokenizer_folder, field_types
 
 log = logging.getLogger("bernini.loaders")
 
@@ -168,7 +171,7 @@ def load_vae(path, *, config: Optional[VAEConfig] = None, ops=None) -> WanVAE:
     path = Path(path)
     config_file = path / "config.json"
     if config is None:
-        config = VAEConfig.from_dict(read_json(config_file)) if path.is_dir() and config_file.is_file() else VAEConfig()
+        config = read_vae_config(path) if path.is_dir() and config_file.is_file() else VAEConfig()
     source = TensorSource.open(path)
     # The VAE is small (0.5 GB fp32) and the layout test needs every key, so its shards are joined first.
     state = convert_vae_state_dict({k: v for shard in source.iter_shards() for k, v in shard.items()})
@@ -176,6 +179,36 @@ def load_vae(path, *, config: Optional[VAEConfig] = None, ops=None) -> WanVAE:
         model = WanVAE(config, ops=ops)
     load_weights_(model, state, dtype_for=lambda name: torch.float32, origin=str(path))
     return model.eval().requires_grad_(False)
+
+
+def read_vae_config(folder) -> VAEConfig:
+    """A `vae/` folder's config.json, every field of its JSON type ("z_dim": "16" is refused naming the file)."""
+    return read_config(Path(folder) / "config.json", VAEConfig.from_dict, field_types(VAEConfig))
+
+
+def read_dit_config(path) -> DiTConfig:
+    """A transformer config.json, its values of their JSON types first (then DiTConfig's own checks)."""
+    # out_channels may be null in a diffusers config: it then equals in_channels.
+    return read_config(path, DiTConfig.from_dict, {**field_types(DiTConfig), "out_channels": Optional[int]})
+
+
+def read_renderer_config(path, overrides: Optional[dict] = None) -> RendererConfig:
+    """A renderer config.json, every field of its JSON type: "skip_transformer_2": "false" would read as true
+    and silently drop the low-noise expert."""
+    return read_config(path, lambda data: RendererConfig.from_dict(data, overrides), field_types(RendererConfig))
+
+
+def check_renderer_files(folder: Path, experts=()) -> None:
+    """Read every config and weight-file header a renderer load will use (the expert folders named, UMT5, its
+    tokenizer, the VAE) before anything is built, so a broken file is named in seconds, not after the experts
+    have loaded."""
+    for name in experts:
+        read_dit_config(folder / name / "config.json")
+        TensorSource.open(folder / name)
+    check_umt5_folder(folder / "text_encoder")
+    check_tokenizer_folder(folder / "tokenizer", "UMT5")
+    read_vae_config(folder / "vae")
+    TensorSource.open(folder / "vae")
 
 
 # ---------------------------------------------------------------------------- whole renderers
@@ -188,30 +221,39 @@ def load_renderer(
     attention: str = "auto",
     overrides: Optional[dict[str, Any]] = None,
     ops=None,
+    progress=None,
 ) -> RendererComponents:
     """UMT5, the experts and the VAE of a Bernini-R release.
 
     * a Bernini-R-Diffusers folder (`transformer/`, `transformer_2/`, `text_encoder/`, ...);
     * the split release: `high_noise_ckpt` + `low_noise_ckpt` with `path` = the renderer config folder
       (its `wan22_base` names the Wan2.2 -Diffusers base) or the base folder itself.
+
+    `progress(stage, step, total)`: stage "load", one step per component (bernini_core/progress.py).
     """
     path = Path(path)
     if (high_noise_ckpt is None) != (low_noise_ckpt is None):
         raise BerniniError("--high_noise_ckpt and --low_noise_ckpt must be given together; got only one of them.")
     if high_noise_ckpt is not None:
-        return _load_split(path, Path(high_noise_ckpt), Path(low_noise_ckpt), dtype, attention, overrides or {}, ops)
+        return _load_split(path, Path(high_noise_ckpt), Path(low_noise_ckpt), dtype, attention, overrides or {}, ops,
+                           progress)
     layout = detect_layout(path)
     if layout != Layout.RENDERER_DIFFUSERS:
         raise BerniniError(
             f"{str(path)!r} is a {layout.value}, not a Bernini-R-Diffusers folder. Pass a Bernini-R-Diffusers "
             "folder, or the split checkpoints with --high_noise_ckpt/--low_noise_ckpt and their Wan2.2 base."
         )
-    config = RendererConfig.from_dict(read_json(path / "config.json"), overrides)
+    config = read_renderer_config(path / "config.json", overrides)
+    with_low = not config.skip_transformer_2 and (path / "transformer_2").is_dir()
+    check_renderer_files(path, ("transformer", "transformer_2") if with_low else ("transformer",))
+    steps = StageSteps(progress, "load", 3 + with_low)  # experts, UMT5, VAE
     dit_high = _load_expert_dir(path / "transformer", dtype, attention, ops)
+    steps.advance()
     dit_low = None
-    if not config.skip_transformer_2 and (path / "transformer_2").is_dir():
+    if with_low:
         dit_low = _load_expert_dir(path / "transformer_2", dtype, attention, ops)
-    return _with_text_encoder_and_vae(config, dit_high, dit_low, path, dtype, ops)
+        steps.advance()
+    return _with_text_encoder_and_vae(config, dit_high, dit_low, path, dtype, ops, steps)
 
 
 def check_scheduler_config(folder: Path) -> None:
@@ -229,11 +271,12 @@ def check_scheduler_config(folder: Path) -> None:
 
 
 def _load_expert_dir(folder: Path, dtype, attention, ops) -> BerniniDiT:
-    config = DiTConfig.from_dict(read_json(folder / "config.json"))
+    config = read_dit_config(folder / "config.json")
     return build_dit(config, TensorSource.open(folder), dtype=dtype, attention=attention, ops=ops, origin=str(folder))
 
 
-def _load_split(path: Path, high: Path, low: Path, dtype, attention, overrides, ops) -> RendererComponents:
+def _load_split(path: Path, high: Path, low: Path, dtype, attention, overrides, ops,
+                progress=None) -> RendererComponents:
     base, config_data = path, {}
     if (path / "config.json").is_file():
         data = read_json(path / "config.json")
@@ -250,24 +293,29 @@ def _load_split(path: Path, high: Path, low: Path, dtype, attention, overrides, 
             f"the split checkpoints need a Wan2.2 -Diffusers base folder (text_encoder/, tokenizer/, vae/, "
             f"transformer/config.json); {str(base)!r} lacks {', '.join(missing)}. Pass that folder as --config."
         )
-    config = RendererConfig.from_dict(config_data, overrides)
-    dit_config = DiTConfig.from_dict(read_json(base / "transformer" / "config.json"))
-    dit_high = build_dit(dit_config, split_checkpoint_source(high, "high"), dtype=dtype, attention=attention,
-                         ops=ops, origin=str(high))
+    config = read_renderer_config(path / "config.json", overrides) if config_data else RendererConfig.from_dict(
+        {}, overrides)
+    dit_config = read_dit_config(base / "transformer" / "config.json")
     low_config_file = base / "transformer_2" / "config.json"
-    low_config = DiTConfig.from_dict(read_json(low_config_file)) if low_config_file.is_file() else dit_config
-    dit_low = build_dit(low_config, split_checkpoint_source(low, "low"), dtype=dtype, attention=attention,
-                        ops=ops, origin=str(low))
-    return _with_text_encoder_and_vae(config, dit_high, dit_low, base, dtype, ops)
+    low_config = read_dit_config(low_config_file) if low_config_file.is_file() else dit_config
+    high_source, low_source = split_checkpoint_source(high, "high"), split_checkpoint_source(low, "low")
+    check_renderer_files(base)
+    steps = StageSteps(progress, "load", 4)  # two experts, UMT5, VAE
+    dit_high = build_dit(dit_config, high_source, dtype=dtype, attention=attention, ops=ops, origin=str(high))
+    steps.advance()
+    dit_low = build_dit(low_config, low_source, dtype=dtype, attention=attention, ops=ops, origin=str(low))
+    steps.advance()
+    return _with_text_encoder_and_vae(config, dit_high, dit_low, base, dtype, ops, steps)
 
 
-def _with_text_encoder_and_vae(config, dit_high, dit_low, folder: Path, dtype, ops) -> RendererComponents:
-    """Complete the experts with UMT5 (`text_encoder/` + `tokenizer/`) and the VAE (`vae/`) of `folder`."""
+def _with_text_encoder_and_vae(config, dit_high, dit_low, folder: Path, dtype, ops,
+                               steps: Optional[StageSteps] = None) -> RendererComponents:
+    """Complete the experts with UMT5 (`text_encoder/` + `tokenizer/`) and the VAE (`vae/`) of `folder`;
+    `steps`: the load's progress, advanced once per component."""
+    steps = steps or StageSteps(None, "load", 2)
     check_scheduler_config(folder)
-    return RendererComponents(
-        config=config,
-        dit_high=dit_high,
-        dit_low=dit_low,
-        text_encoder=UMT5TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer", dtype=dtype),
-        vae=load_vae(folder / "vae", ops=ops),
-    )
+    text_encoder = UMT5TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer", dtype=dtype)
+    steps.advance()
+    vae = load_vae(folder / "vae", ops=ops)
+    steps.advance()
+    return RendererComponents(config=config, dit_high=dit_high, dit_low=dit_low, text_encoder=text_encoder, vae=vae)

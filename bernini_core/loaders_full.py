@@ -24,11 +24,13 @@ import torch
 
 from .checkpoints import Layout, TensorSource, detect_layout, load_weights_, read_json
 from .errors import BerniniError
-from .loaders import build_dit, load_vae
+from .loaders import build_dit, load_vae, read_dit_config, read_vae_config
+from .progress import StageSteps
 from .renderer.config import DiTConfig
 from .renderer.transformer import BerniniDiT
-from .text_encoder import UMT5TextEncoder
+from .text_encoder import UMT5TextEncoder, check_umt5_folder, load_umt5_tokenizer, read_umt5_config
 from .vae import WanVAE
+from .weight_files import check_config_types, check_tokenizer_folder, config_error, field_types
 
 log = logging.getLogger("bernini.loaders_full")
 
@@ -123,6 +125,9 @@ class BerniniConfig:
         if not isinstance(data, dict):
             raise BerniniError(f"{source} must hold a JSON object, found {type(data).__name__}.")
         names = {f.name for f in fields(cls)} - {"extra", "version_source"}
+        # JSON types first: "use_unipc": "false" must not read as true, nor "0.875" pass as a boundary.
+        check_config_types(source, data, {k: v for k, v in field_types(cls, scalars_only=True).items()
+                                          if k in names and k != "version"})
         overrides = dict(overrides or {})
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -411,6 +416,7 @@ def build_planner(config: BerniniConfig, mllm_dir, sources: Dict[str, TensorSour
 
     from .planner.model import PlannerModel
 
+    check_mllm_config(mllm_dir, sources["planner_mllm"])
     mllm_config = AutoConfig.from_pretrained(str(mllm_dir), local_files_only=True)
     hidden = _qwen_hidden_size(mllm_config)
     if config.vit_dim != hidden or config.clip_diff_cfg["target_channels"] != hidden:
@@ -446,6 +452,37 @@ def build_planner(config: BerniniConfig, mllm_dir, sources: Dict[str, TensorSour
     return planner.eval().requires_grad_(False)
 
 
+_QWEN_TEXT_TYPES = {**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"), int),
+                    "rms_norm_eps": float, "tie_word_embeddings": bool}
+_QWEN_VISION_TYPES = dict.fromkeys(("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
+                                    "patch_size", "spatial_merge_size", "temporal_patch_size"), int)
+
+
+def check_mllm_config(mllm_dir, source: TensorSource) -> None:
+    """mllm/config.json before transformers reads it: its sizes JSON integers, and vocab_size / hidden_size those
+    of the checkpoint's Qwen embedding (a wrong one fails deep inside transformers, or not at all)."""
+    path = Path(mllm_dir) / "config.json"
+    data = read_json(path)
+    check_config_types(path, data, _QWEN_TEXT_TYPES)  # transformers 4.x keeps the text settings at the top
+    text, prefix = data, ""
+    if isinstance(data.get("text_config"), dict):
+        text, prefix = data["text_config"], "text_config."
+        check_config_types(path, text, _QWEN_TEXT_TYPES, prefix)
+    if isinstance(data.get("vision_config"), dict):
+        check_config_types(path, data["vision_config"], _QWEN_VISION_TYPES, "vision_config.")
+    key = next((k for k in ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight") if k in source),
+               None)
+    if key is None:
+        return  # the strict load names the missing tensor
+    shape = source.shape(key)
+    for name, have in zip(("vocab_size", "hidden_size"), shape):
+        if name in text and text[name] != have:
+            raise config_error(path, prefix + name, text[name],
+                               f"does not match the Qwen embedding 'mllm.{key}' ({list(shape)}) of the combined "
+                               f"checkpoint: the mllm/ folder and the checkpoint are of different models")
+
+
 def _qwen_hidden_size(mllm_config) -> int:
     text = getattr(mllm_config, "text_config", None) or mllm_config
     return int(text.hidden_size)
@@ -476,7 +513,7 @@ class FullComponents:
 
 
 def _dit_config(path: Path, config: BerniniConfig) -> DiTConfig:
-    dit = DiTConfig.from_dict(read_json(path))
+    dit = read_dit_config(path)
     if dit.attention_head_dim != RENDERER_HEAD_DIM:
         raise BerniniError(f"'{path}': attention_head_dim {dit.attention_head_dim} is not supported; full Bernini "
                            f"builds the source-id RoPE with head dim {RENDERER_HEAD_DIM} "
@@ -501,6 +538,7 @@ def load_processor(path):
     """The Qwen2.5-VL processor of mllm/ (offline; right padding as the official loads it)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
+    check_tokenizer_folder(path, "Qwen2.5-VL")  # transformers 5 builds an empty tokenizer from a folder without one
     try:
         return AutoProcessor.from_pretrained(str(path), local_files_only=True, padding_side="right")
     except ImportError:  # transformers builds the video processor only with torchvision (ComfyUI has it)
@@ -515,27 +553,30 @@ def load_processor(path):
 
 def _t5_from_checkpoint(folder: Path, tokenizer_dir: Path, source: TensorSource, dtype, origin) -> UMT5TextEncoder:
     """UMT5 from the combined checkpoint's ``t5_text_encoder.*`` copy (the copy the official load ends with)."""
-    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
+    read_umt5_config(folder)  # JSON types, before transformers reads it
     with parameters_on_meta():
         model = UMT5EncoderModel(UMT5Config.from_pretrained(str(folder), local_files_only=True))
     load_weights_(model, source, dtype_for=lambda name: dtype, origin=f"{origin} (t5_text_encoder.*)",
                   key_map=lambda k: None if k == "encoder.embed_tokens.weight" else k)  # tied to `shared`
     _assert_materialised(model, "UMT5")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    tokenizer = load_umt5_tokenizer(tokenizer_dir)
     return UMT5TextEncoder(model.eval().requires_grad_(False), tokenizer)
 
 
 def load_full(path, *, dtype: torch.dtype = torch.bfloat16, attention: str = "auto",
               overrides: Optional[Dict[str, Any]] = None, ops=None, t5_weights: str = "folder",
-              with_planner: bool = True, with_renderer: bool = True) -> FullComponents:
+              with_planner: bool = True, with_renderer: bool = True, progress=None) -> FullComponents:
     """Every component of a Bernini-Diffusers(-v2) folder, on the CPU.
 
     ``with_planner`` / ``with_renderer`` load only one half (the ComfyUI loaders load them separately):
     without the planner, ``planner`` is None; without the renderer, the experts, UMT5 and VAE are None.
 
     ``t5_weights``: "folder" reads UMT5 from t5_text_encoder/ (smaller, bf16 in the release); "checkpoint" reads
-    the redundant ``t5_text_encoder.*`` copy of bernini/ (the same weights, docs/official_behaviour.md §2.1)."""
+    the redundant ``t5_text_encoder.*`` copy of bernini/ (the same weights, docs/official_behaviour.md §2.1).
+
+    ``progress(stage, step, total)``: stage "load", one step per component (bernini_core/progress.py)."""
     path = Path(path)
     if path.is_file() and path.name == "config.json":
         path = path.parent
@@ -552,7 +593,7 @@ def load_full(path, *, dtype: torch.dtype = torch.bfloat16, attention: str = "au
     _require_paths(paths)
     high_config = _dit_config(paths.transformer_config, config)
     low_config = _dit_config(paths.transformer_2_config, config)
-    d_model = read_json(paths.t5_encoder / "config.json").get("d_model")
+    d_model = read_umt5_config(paths.t5_encoder).get("d_model")
     if d_model != config.gen_dim:
         raise BerniniError(f"UMT5 d_model ({d_model}) of '{paths.t5_encoder}' differs from config.json "
                            f"connector_cfg.out_dim_for_gen ({config.gen_dim}); T5 and planner contexts are "
@@ -561,26 +602,42 @@ def load_full(path, *, dtype: torch.dtype = torch.bfloat16, attention: str = "au
         from .loaders import check_scheduler_config
 
         check_scheduler_config(paths.scheduler.parent if paths.scheduler.name == "scheduler" else path)
-    sources = split_combined_checkpoint(paths.checkpoint)
+    sources = split_combined_checkpoint(paths.checkpoint)  # checks every shard's header
     origin = str(paths.checkpoint)
+    # Every other config and weight-file header the load will use, before anything is built.
+    if with_planner:
+        check_mllm_config(paths.mllm, sources["planner_mllm"])
+        check_tokenizer_folder(paths.processor, "Qwen2.5-VL")
+    if with_renderer:
+        if t5_weights == "folder":
+            check_umt5_folder(paths.t5_encoder)
+        check_tokenizer_folder(paths.t5_tokenizer, "UMT5")
+        read_vae_config(paths.vae)
+        TensorSource.open(paths.vae)
     log.info("loading full Bernini %s from %s (%s)", config.version, path, config.version_source)
 
+    steps = StageSteps(progress, "load", with_planner + 4 * with_renderer)  # planner; experts, UMT5, VAE
     planner = processor = None
     if with_planner:
         planner = build_planner(config, paths.mllm, sources, dtype=dtype, ops=ops, origin=origin)
         processor = load_processor(paths.processor)
+        steps.advance()
     dit_high = dit_low = text_encoder = vae = None
     if with_renderer:
         dit_high = build_dit(high_config, sources["dit_high"], dtype=dtype, keep_fp32_islands=False, ops=ops,
                              attention=attention, origin=f"{origin} (diff_dec.transformer.*)")
+        steps.advance()
         dit_low = build_dit(low_config, sources["dit_low"], dtype=dtype, keep_fp32_islands=False, ops=ops,
                             attention=attention, origin=f"{origin} (diff_dec_low.transformer_2.*)")
+        steps.advance()
         if t5_weights == "checkpoint":
             text_encoder = _t5_from_checkpoint(paths.t5_encoder, paths.t5_tokenizer, sources["t5"], dtype, origin)
         else:
             text_encoder = UMT5TextEncoder.from_pretrained(paths.t5_encoder, paths.t5_tokenizer, dtype=dtype)
         text_encoder.max_length = config.t5_max_sequence_length
+        steps.advance()
         vae = load_vae(paths.vae, ops=ops)
+        steps.advance()
     return FullComponents(config=config, planner=planner, dit_high=dit_high, dit_low=dit_low,
                           text_encoder=text_encoder, vae=vae, processor=processor,
                           tokenizer=getattr(processor, "tokenizer", processor) if processor else None, paths=paths)

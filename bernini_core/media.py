@@ -33,6 +33,7 @@ from torch import Tensor
 from .errors import BerniniError
 
 log = logging.getLogger(__name__)
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 
 # io_utils.py: a single frame goes to an image file, several to a video file; an
 # extension of the wrong kind is replaced (".png" / ".mp4"), as the official does.
@@ -227,6 +228,24 @@ def decode_frames(path, indices) -> np.ndarray:
     return np.stack([decoded.get(i, last) for i in indices])
 
 
+def check_video_file(path) -> None:
+    """Fail now, not after the model load, when a video file cannot be read: it must open, state a frame rate,
+    hold packets, and its first frame must decode."""
+    total, _ = probe_video(path)
+    decode_frames(path, [0])
+
+
+def check_image_file(path) -> None:
+    """Fail now, not after the model load, when an image file cannot be decoded."""
+    path = Path(path)
+    _require_file(path, "image")
+    try:
+        with Image.open(path) as img:
+            pil_to_rgb(img, f"image {str(path)!r}")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise BerniniError(f"image {str(path)!r} cannot be decoded ({exc}); use a PNG/JPEG/WebP image.") from exc
+
+
 def read_video(path) -> tuple[np.ndarray, float]:
     """All frames of a video file as uint8 ``[F, H, W, 3]`` RGB, and its fps."""
     path = Path(path)
@@ -239,21 +258,60 @@ def read_video(path) -> tuple[np.ndarray, float]:
 
 # --------------------------------------------------------------------------- in-memory frames
 
+# Float pixels outside 0..1 by more than this are another scale, not a resampling overshoot (bicubic resizes
+# overshoot by a few percent, and ComfyUI's savers clip them too): 0..255 or -1..1 frames would be clipped to
+# near-white / lose their dark half without a word.
+FLOAT_PIXEL_SLACK = 0.5
+
+
+def _check_float_pixels(low: float, high: float, finite: bool, what: str) -> None:
+    if not finite:
+        raise BerniniError(f"{what} hold NaN or infinite values; fix the frames that produced them.")
+    if high > 1 + FLOAT_PIXEL_SLACK:
+        raise BerniniError(f"{what} are floats up to {high:g}: float pixels must be in 0..1 (these look like "
+                           "0..255); divide them by 255, or pass uint8.")
+    if low < -FLOAT_PIXEL_SLACK:
+        raise BerniniError(f"{what} are floats down to {low:g}: float pixels must be in 0..1 (these look like "
+                           "-1..1); map them with (x + 1) / 2.")
+
+
 def to_uint8(array, what: str) -> np.ndarray:
-    """uint8 or float 0..1 (numpy or torch) → uint8, floats rounded to 8 bit."""
+    """uint8 or float 0..1 (numpy or torch) → uint8, floats rounded to 8 bit. Floats with NaN/inf or on
+    another scale (0..255, -1..1) are refused; small overshoots are clipped."""
     if isinstance(array, torch.Tensor):
         t = array.detach().cpu()
         if t.dtype == torch.uint8:
             return t.numpy()
         if not t.is_floating_point():
             raise BerniniError(f"{what} must be uint8 (0..255) or float (0..1), got {t.dtype}.")
-        return (t.float().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        t = t.float()
+        if t.numel():
+            _check_float_pixels(float(t.min()), float(t.max()), bool(torch.isfinite(t).all()), what)
+        return (t.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     a = np.asarray(array)
     if a.dtype == np.uint8:
         return a
     if not np.issubdtype(a.dtype, np.floating):
         raise BerniniError(f"{what} must be uint8 (0..255) or float (0..1), got {a.dtype}.")
-    return np.rint(np.clip(a.astype(np.float32), 0, 1) * 255).astype(np.uint8)
+    a = a.astype(np.float32)
+    if a.size:
+        _check_float_pixels(float(np.nanmin(a)) if not np.isnan(a).all() else 0.0,
+                            float(np.nanmax(a)) if not np.isnan(a).all() else 0.0, bool(np.isfinite(a).all()), what)
+    return np.rint(np.clip(a, 0, 1) * 255).astype(np.uint8)
+
+
+def pil_to_rgb(img: Image.Image, what: str) -> np.ndarray:
+    """A PIL image as uint8 RGB. 16-bit grayscale (PNG mode I;16*, or I holding 0..65535) is scaled to 8 bit by its
+    high byte, as Pillow itself reduces 16-bit colour PNGs; PIL's own convert("RGB") would clip it to white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        gray = np.asarray(img).astype(np.int64)
+        if gray.size and (gray.min() < 0 or gray.max() > 65535):
+            raise BerniniError(f"{what} holds 32-bit integer pixels ({gray.min()}..{gray.max()}); save it as an "
+                               "8- or 16-bit image.")
+        return np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode == "F":
+        return np.repeat(to_uint8(np.asarray(img), what)[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
 
 
 def _check_frames_shape(shape, what: str) -> None:
@@ -294,6 +352,9 @@ def load_video(source, *, fps: float = 16, num_frames: int = 81, max_image_size:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         what = f"video {str(path)!r}"
+        if video_fps is not None:
+            log.warning("video_fps=%s has no effect on %s: a video file carries its own frame rate (video_fps is "
+                        "for in-memory frames).", video_fps, what)
         total, src_fps = probe_video(path)
         n = smart_video_nframes(total, src_fps, fps, max_frames=num_frames)
         idx = frame_indices(total, src_fps, fps, n)
@@ -330,12 +391,12 @@ def load_image(source, *, max_image_size: int = 848, min_short_edge: int = 1) ->
         _require_file(path, "image")
         try:
             with Image.open(path) as img:
-                rgb = np.asarray(img.convert("RGB"))
+                rgb = pil_to_rgb(img, what)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise BerniniError(f"{what} cannot be decoded ({exc}); use a PNG/JPEG/WebP image.") from exc
     elif isinstance(source, Image.Image):
         what = "image"
-        rgb = np.asarray(source.convert("RGB"))
+        rgb = pil_to_rgb(source, what)
     else:
         what = "image array"
         if not hasattr(source, "shape"):
@@ -515,7 +576,16 @@ def planned_output(path, n_frames: int) -> Path:
 def check_output_path(path) -> None:
     """Fail before a long run when the output can never be written: the nearest existing folder
     above `path` must be a writable directory and `path` itself must not be a folder."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise BerniniError(f"output path must be a file path (a string), got {type(path).__name__} {path!r}.")
+    if "\x00" in os.fspath(path):
+        raise BerniniError(f"output path {os.fspath(path)!r} holds a NUL byte, which no file name can; remove it.")
     target = Path(path)
+    if not target.name:
+        raise BerniniError(f"output path {str(target)!r} names no file; give a file name such as output.mp4.")
+    if len(os.fsencode(target.name)) > NAME_MAX:
+        raise BerniniError(f"output file name {target.name[:40]!r}… is {len(os.fsencode(target.name))} bytes long; "
+                           f"file systems allow {NAME_MAX}. Choose a shorter name.")
     if target.is_dir():
         raise BerniniError(f"output path {str(target)!r} is a folder; give a file name.")
     parent = target.parent if str(target.parent) else Path(".")

@@ -50,7 +50,9 @@ def default_negative_prompt(family: str, version: str, task: str) -> str:
 
 def encode_prompt(text_encoder: TextEncoderModel, task: str, prompt: str, negative_prompt: str = "") -> Conditioning:
     get_task(task)
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str):
+        raise BerniniError(f"Encode Bernini Prompt: prompt must be a string, got {type(prompt).__name__} {prompt!r}.")
+    if not prompt.strip():
         raise BerniniError("Encode Bernini Prompt: prompt is empty; describe the image/video to generate or the edit "
                            "to make.")
     negative = negative_prompt if negative_prompt and negative_prompt.strip() else \
@@ -84,12 +86,14 @@ def _uint8_frames(image, input_name: str) -> np.ndarray:
 
 NODE_INPUTS = SourceInputs("Bernini Sources: ", "source_video", "connect source_video (e.g. from GetVideoComponents)",
                            "source_image", "connect source_image", "reference images",
-                           "connect reference_images (or reference_image_2..4)")
+                           "connect reference_images (or reference_image_2..4)",
+                           "connect source_video and reference_video (the video to insert)")
 
 
 def _check_source_inputs(task: str, has_video: bool, has_ref_video: bool, has_image: bool, n_refs: int) -> None:
     """The task's source rules (tasks.check_sources) in terms of the node's inputs, plus the reference video."""
-    check_sources(get_task(task), n_videos=int(has_video), has_image=has_image, n_images=n_refs, inputs=NODE_INPUTS)
+    check_sources(get_task(task), n_videos=int(has_video) + int(has_ref_video), has_image=has_image, n_images=n_refs,
+                  inputs=NODE_INPUTS)
     if has_ref_video and task != "ads2v":
         raise BerniniError(f"Bernini Sources: task {task!r} takes no reference_video (only ads2v does): disconnect "
                            "it or pick ads2v in Encode Bernini Prompt.")

@@ -11,7 +11,9 @@ prepare sources → sample → decode → optionally save.
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from typing import Any, Optional
 
 import torch
@@ -19,9 +21,13 @@ import torch
 from . import media
 from .denoise import Experts, force_4n_plus_1, renderer_denoise
 from .errors import BerniniError
+from .memory_estimate import check_fits
+from .progress import Progress, StageSteps
 from .runtime import Runtime, resolve_dtype
+from .sampling.guidance import RendererGuidance
 from .stages import BerniniOutput, PromptEmbeds, Sources
-from .tasks import check_sources, get_task, renderer_preset, resolve_settings
+from .tasks import (check_mode_sources, check_sources, check_text, get_task, renderer_preset,
+                    resolve_settings)
 from .text_encoder import negative_prompt, t5_negative_text, t5_positive_text
 
 log = logging.getLogger("bernini.pipeline")
@@ -48,6 +54,14 @@ def video_rate(video_fps, index: int):
     return video_fps
 
 
+def source_count(video=None, image=None, images=None) -> int:
+    """How many sources `prepare_sources` encodes (the "encode" stage's steps besides the prompt)."""
+    def count(value) -> int:
+        return 0 if value is None else (len(value) if isinstance(value, (list, tuple)) else 1)
+
+    return count(video) + (image is not None) + count(images)
+
+
 def make_divisible(value: int, stride: int = 16) -> int:
     """The official size snap: nearest multiple of `stride`, at least `stride` (docs/official_behaviour.md §4.8)."""
     return max(stride, int(round(value / stride) * stride))
@@ -61,6 +75,17 @@ def vae_tiling(settings: dict[str, Any]):
     if tile <= 0:
         return None
     return TilingConfig(tile_px=tile, overlap_px=int(settings.get("vae_tile_overlap_px") or 64))
+
+
+def serialised(method):
+    """Run a pipeline method under the pipeline's RLock (made in __init__): a pipeline's models, handles and the
+    state of one call serve one call at a time, so threads sharing a pipeline queue instead of interleaving."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class BerniniPipeline:
@@ -94,20 +119,56 @@ class BerniniPipeline:
             return FullPipeline
         return RendererPipeline
 
+    def check_call(self, task: str, prompt, settings: dict[str, Any], *, video=None, image=None, images=None,
+                   output_path=None, force: bool = False) -> None:
+        """What ``__call__`` can check with no model work, before its first stage: the texts, the sources the task
+        and the guidance mode need, the output path, and the memory of an output sized by the settings."""
+        spec = get_task(task)
+        check_text(prompt, "prompt", required=True)
+        for name in ("neg_prompt", "system_prompt"):
+            check_text(settings.get(name), name, required=False)
+        videos = [] if video is None else (list(video) if isinstance(video, (list, tuple)) else [video])
+        refs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        has_image = image is not None
+        if task in ("r2v", "rv2v") and has_image:  # the single image joins the references (prepare_sources)
+            refs, has_image = [image] + refs, False
+        check_sources(spec, n_videos=len(videos), has_image=has_image, n_images=len(refs))
+        check_mode_sources(settings["guidance_mode"], n_videos=len(videos), n_images=len(refs) + int(has_image),
+                           task=task)
+        if output_path is not None:
+            media.check_output_path(output_path)
+            media.planned_output(output_path, 1 if spec.single_frame or settings["num_frames"] == 1 else 2)
+        if not videos and not has_image and int(settings.get("height") or 0) > 0:  # the size is the settings'
+            frames = 1 if spec.single_frame else int(settings["num_frames"])
+            check_fits(frames, int(settings["height"]), int(settings["width"] or 0), self.runtime.device,
+                       force=force)
+
+    def check_render_memory(self, num_frames: int, height: int, width: int, source_tokens: int,
+                            force: bool = False) -> None:
+        """Before the first step: the sampling and decoding working memory of this geometry must fit."""
+        dit = self.experts.high.module
+        check_fits(num_frames, height, width, self.experts.high.load_device, dit=dit,
+                   source_tokens=source_tokens, force=force)
+
+    @serialised
     def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
         """Normalised latents (what ``sample`` returns) → float32 frames [F,H,W,3] in 0..1 on the CPU."""
         return self.decode_raw(self.components.vae.denormalize(latents), tiling=tiling)
 
-    def decode_raw(self, raw: torch.Tensor, tiling=None) -> torch.Tensor:
+    @serialised
+    def decode_raw(self, raw: torch.Tensor, tiling=None, progress: Optional[Progress] = None) -> torch.Tensor:
         """Raw Wan 2.1 latents [B,16,T,h,w] (``BerniniOutput.latents``, a ComfyUI LATENT) → float32 frames
         [B·F,H,W,3] in 0..1 on the CPU, one video after the other. The one decoding path of the pipelines and
-        the Decode node, so both give the same frames for the same latents."""
+        the Decode node, so both give the same frames for the same latents. ``progress``: stage "decode", one
+        step per decoder call (bernini_core/progress.py)."""
         vae = self.components.vae
         memory = vae.working_memory(raw.shape[-2] * 8, raw.shape[-1] * 8, tiling)
+        steps = StageSteps(progress, "decode", raw.shape[0] * vae.decode_chunks(raw, tiling))
         videos = []
         with self.runtime.use(self.vae_handle, memory_required=memory), torch.inference_mode():
             for item in raw:
-                video = vae.decode_raw(item.unsqueeze(0).to(self.vae_handle.load_device, torch.float32), tiling=tiling)
+                video = vae.decode_raw(item.unsqueeze(0).to(self.vae_handle.load_device, torch.float32), tiling=tiling,
+                                       on_chunk=steps.advance)
                 videos.append((video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu())
         return torch.cat(videos, dim=0).contiguous()
 
@@ -121,6 +182,7 @@ class RendererPipeline(BerniniPipeline):
         self.components = components
         self.config = components.config
         self.runtime = runtime
+        self._lock = threading.RLock()  # see serialised
         self.text_encoder_handle = runtime.handle("umt5", components.text_encoder.module)
         self.vae_handle = runtime.handle("vae", components.vae)
         high = runtime.handle("dit_high", components.dit_high)
@@ -139,8 +201,10 @@ class RendererPipeline(BerniniPipeline):
         dtype="bf16",
         attention: str = "auto",
         offload: bool = True,
+        progress: Optional[Progress] = None,
         **config_overrides,
     ) -> "RendererPipeline":
+        """``progress(stage, step, total)``: stage "load", one step per component (bernini_core/progress.py)."""
         from .loaders import load_renderer
 
         runtime = Runtime(device, offload=offload)
@@ -151,6 +215,7 @@ class RendererPipeline(BerniniPipeline):
             dtype=resolve_dtype(dtype),
             attention=attention,
             overrides={k: v for k, v in config_overrides.items() if v is not None},
+            progress=progress,
         )
         return cls(components, runtime)
 
@@ -158,14 +223,16 @@ class RendererPipeline(BerniniPipeline):
     def default_settings(self, task: str) -> dict[str, Any]:
         return renderer_preset(task)
 
+    @serialised
     def encode_prompt(
         self, task: str, prompt: str, neg_prompt: Optional[str] = None, system_prompt: Optional[str] = None
     ) -> PromptEmbeds:
         """UMT5 features of system_prompt + cleaned prompt and of the negative prompt
         (docs/official_behaviour.md §4.4)."""
         get_task(task)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise BerniniError("prompt is empty: describe the image/video to generate or the edit to make.")
+        check_text(prompt, "prompt", required=True)
+        check_text(neg_prompt, "neg_prompt", required=False)
+        check_text(system_prompt, "system_prompt", required=False)
         positive_text = t5_positive_text(task, prompt, system_prompt)
         negative_text = t5_negative_text(neg_prompt if neg_prompt is not None else negative_prompt())
         with self.runtime.use(self.text_encoder_handle):
@@ -179,6 +246,7 @@ class RendererPipeline(BerniniPipeline):
             model_family=self.family,
         )
 
+    @serialised
     def prepare_sources(
         self,
         task: str,
@@ -192,8 +260,10 @@ class RendererPipeline(BerniniPipeline):
         video_fps=None,
         min_short_edge: int = 1,
         tiling=None,
+        on_source=None,
     ) -> Sources:
-        """Resize, resample and VAE-encode the sources by the official rules (docs/official_behaviour.md §4.8)."""
+        """Resize, resample and VAE-encode the sources by the official rules (docs/official_behaviour.md §4.8).
+        ``on_source()`` is called after each source is encoded (progress)."""
         spec = get_task(task)
         videos = [] if video is None else (list(video) if isinstance(video, (list, tuple)) else [video])
         refs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
@@ -215,21 +285,32 @@ class RendererPipeline(BerniniPipeline):
                 if index == 0:
                     sources.frame_count, sources.height, sources.width = pixels.shape[1], pixels.shape[2], pixels.shape[3]
                 sources.videos.append(vae.encode(pixels.unsqueeze(0).to(device), tiling=tiling).float().cpu())
+                if on_source is not None:
+                    on_source()
             for position, item in enumerate(([image] if image is not None else []) + refs):
                 pixels = media.load_image(item, max_image_size=max_image_size, min_short_edge=min_short_edge)
                 if position == 0 and image is not None and sources.height is None:
                     sources.height, sources.width = pixels.shape[2], pixels.shape[3]
                 sources.images.append(vae.encode(pixels.unsqueeze(0).to(device), tiling=tiling).float().cpu())
+                if on_source is not None:
+                    on_source()
         return sources
 
-    def sample(self, embeds: PromptEmbeds, sources: Sources, settings: dict[str, Any], on_step=None) -> torch.Tensor:
-        """Guided denoising; returns the normalised latent [1,16,T,H/8,W/8] (float32, CPU)."""
+    @serialised
+    def sample(self, embeds: PromptEmbeds, sources: Sources, settings: dict[str, Any], on_step=None, *,
+               force: bool = False) -> torch.Tensor:
+        """Guided denoising; returns the normalised latent [1,16,T,H/8,W/8] (float32, CPU). ``force``: run a
+        geometry whose working memory exceeds the machine's."""
         if embeds.model_family != self.family:
             raise BerniniError(
                 f"the prompt embeddings were made for {embeds.model_family!r} but this is a {self.family!r} "
                 "renderer; encode the prompt with this model's text encoder."
             )
+        check_mode_sources(settings["guidance_mode"], n_videos=len(sources.videos), n_images=len(sources.images),
+                           task=sources.task)
         num_frames, height, width = self.output_geometry(sources, settings)
+        self.check_render_memory(num_frames, height, width, sum(lat[0, 0].numel() // 4 for lat in
+                                                                sources.videos + sources.images), force=force)
         cfg = self.config
         return renderer_denoise(
             self.experts,
@@ -280,12 +361,13 @@ class RendererPipeline(BerniniPipeline):
         return fixed, size[0], size[1]
 
     # ------------------------------------------------------------------ call
-    def resolve(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    def resolve(self, task: str, overrides: dict[str, Any], *, force: bool = False) -> dict[str, Any]:
         unknown = sorted(set(overrides) - CALL_KEYWORDS)
         if unknown:
             raise BerniniError(f"unknown keyword(s) {unknown}; valid keywords: {sorted(CALL_KEYWORDS)}.")
-        return resolve_settings(self.default_settings(task), overrides)
+        return resolve_settings(self.default_settings(task), overrides, force=force)
 
+    @serialised
     @torch.no_grad()
     def __call__(
         self,
@@ -297,15 +379,25 @@ class RendererPipeline(BerniniPipeline):
         images=None,
         output_path: Optional[str] = None,
         overwrite: bool = False,
+        progress: Optional[Progress] = None,
+        force: bool = False,
         **kwargs,
     ) -> BerniniOutput:
         """Render one task. ``output_path``: also write the result there (image or MP4); an existing file is kept
-        and the next free numbered name is used unless ``overwrite`` (``BerniniOutput.output_path`` says which)."""
-        settings = self.resolve(task, kwargs)
+        and the next free numbered name is used unless ``overwrite`` (``BerniniOutput.output_path`` says which).
+
+        ``progress(stage, step, total)``, for this call only: each stage reports step 0 when it starts, then every
+        step done up to ``total``. Stages in order: "encode" (the prompt, then each source), "plan" (full Bernini
+        only: MaskGIT steps), "sample" (denoising steps), "decode" (VAE decoder calls). bernini_core/progress.py
+        has the contract and a tqdm-backed callback (TqdmProgress)."""
+        settings = self.resolve(task, kwargs, force=force)
+        RendererGuidance(settings["guidance_mode"])  # a full-Bernini mode is named as such, before anything else
+        self.check_call(task, prompt, settings, video=video, image=image, images=images,
+                        output_path=output_path, force=force)
         tiling = vae_tiling(settings)
-        if output_path is not None:
-            media.check_output_path(output_path)
+        encoding = StageSteps(progress, "encode", 1 + source_count(video, image, images))
         embeds = self.encode_prompt(task, prompt, settings.get("neg_prompt"), settings.get("system_prompt"))
+        encoding.advance()
         sources = self.prepare_sources(
             task,
             video=video,
@@ -316,9 +408,12 @@ class RendererPipeline(BerniniPipeline):
             max_image_size=settings["max_image_size"],
             video_fps=settings.get("video_fps"),
             tiling=tiling,
+            on_source=encoding.advance,
         )
-        raw = self.components.vae.denormalize(self.sample(embeds, sources, settings))
-        frames = self.decode_raw(raw, tiling=tiling)
+        sampling = StageSteps(progress, "sample", settings["num_inference_steps"])
+        raw = self.components.vae.denormalize(self.sample(embeds, sources, settings, on_step=sampling.advance,
+                                                          force=force))
+        frames = self.decode_raw(raw, tiling=tiling, progress=progress)
         out = BerniniOutput(
             frames=frames,
             latents=raw,

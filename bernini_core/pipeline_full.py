@@ -2,7 +2,8 @@
 draws it (docs/official_behaviour.md §3, §4.7 full-Bernini modes, §5.1–§5.2, §7).
 
 `__call__` follows the official `BerniniPipeline.__call__` step by step, including its random-number
-protocol (docs/official_behaviour.md §7.1): seed Python, numpy and torch; preprocess the sources (no draws);
+protocol (docs/official_behaviour.md §7.1): seed Python, numpy and torch generators (our own, per call: the caller's
+global ones are never touched); preprocess the sources (no draws);
 encode the three planner branches cond, imgcond, uncond with their unused draws; MaskGIT planning; UMT5; renderer noise
 from a separate CPU generator. The stage methods split the same work for the ComfyUI nodes.
 """
@@ -10,7 +11,7 @@ from a separate CPU generator. The stage methods split the same work for the Com
 from __future__ import annotations
 
 import logging
-import random
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,16 +21,19 @@ import torch
 from . import media
 from .denoise import Experts, check_geometry, check_scheduler, denoise, force_4n_plus_1
 from .errors import BerniniError
-from .pipeline import BerniniPipeline, CALL_KEYWORDS, vae_tiling, video_rate
+from .pipeline import BerniniPipeline, CALL_KEYWORDS, serialised, source_count, vae_tiling, video_rate
 from .planner import vision
 from .planner.maskgit import PlannerContexts, plan
+from .planner.rng import MAX_PLANNER_SEED, PlannerRng
 from .planner.template import PlannerTemplate, VisualItem
+from .progress import Progress, StageSteps
 from .renderer.rope import source_ids_for
 from .runtime import Runtime, resolve_dtype
 from .sampling.guidance import Omegas
 from .sampling.guidance_full import FullGuidance
 from .stages import BerniniOutput, PromptEmbeds
-from .tasks import bernini_preset, check_sources, get_task, resolve_settings
+from .tasks import (bernini_preset, check_mode_sources, check_sources, check_text, get_task,
+                    resolve_settings)
 from .text_encoder import negative_prompt, pad_context, prompt_clean, t5_negative_text, t5_positive_text
 
 log = logging.getLogger("bernini.pipeline_full")
@@ -100,6 +104,7 @@ class FullPipeline(BerniniPipeline):
         self.components = components
         self.config = components.config
         self.runtime = runtime
+        self._lock = threading.RLock()  # see pipeline.serialised
         self.dtype = dtype
         if planner is None and components.planner is not None:
             planner = PlannerBundle.from_components(components)
@@ -114,7 +119,9 @@ class FullPipeline(BerniniPipeline):
 
     @classmethod
     def from_pretrained(cls, path, *, device="auto", dtype="bf16", attention: str = "auto", offload: bool = True,
-                        high_noise_ckpt=None, low_noise_ckpt=None, **config_overrides) -> "FullPipeline":
+                        high_noise_ckpt=None, low_noise_ckpt=None, progress: Optional[Progress] = None,
+                        **config_overrides) -> "FullPipeline":
+        """``progress(stage, step, total)``: stage "load", one step per component (bernini_core/progress.py)."""
         from .loaders_full import CLI_OVERRIDES, load_full
 
         if high_noise_ckpt or low_noise_ckpt:
@@ -123,7 +130,7 @@ class FullPipeline(BerniniPipeline):
         overrides = dict(CLI_OVERRIDES)  # what the official CLI passes to BerniniPipeline.from_pretrained
         overrides.update({k: v for k, v in config_overrides.items() if v is not None})
         dtype = resolve_dtype(dtype)
-        components = load_full(path, dtype=dtype, attention=attention, overrides=overrides)
+        components = load_full(path, dtype=dtype, attention=attention, overrides=overrides, progress=progress)
         return cls(components, Runtime(device, offload=offload), dtype)
 
     @property
@@ -133,23 +140,28 @@ class FullPipeline(BerniniPipeline):
     def default_settings(self, task: str) -> dict[str, Any]:
         return bernini_preset(task, self.version)
 
-    def resolve(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    def resolve(self, task: str, overrides: dict[str, Any], *, force: bool = False) -> dict[str, Any]:
         unknown = sorted(set(overrides) - CALL_KEYWORDS)
         if unknown:
             raise BerniniError(f"unknown keyword(s) {unknown}; valid keywords: {sorted(CALL_KEYWORDS)}.")
-        settings = resolve_settings(self.default_settings(task), overrides)
+        settings = resolve_settings(self.default_settings(task), overrides, force=force)
+        if not 0 <= settings["seed"] <= MAX_PLANNER_SEED:
+            raise BerniniError(f"seed {settings['seed']} is out of range for full Bernini: the planner seeds numpy, "
+                               f"which takes 0..{MAX_PLANNER_SEED}; pick a seed in that range.")
         if settings.get("neg_prompt") is None:
             settings["neg_prompt"] = negative_prompt(settings["negative"])
         return settings
 
     # ------------------------------------------------------------------ stage 1: text
+    @serialised
     def encode_prompt(self, task: str, prompt: str, neg_prompt: Optional[str] = None,
                       system_prompt: Optional[str] = None) -> PromptEmbeds:
         """UMT5 features of the full-Bernini texts (cleaned twice, the negative cleaned too;
         docs/official_behaviour.md §3.7)."""
         get_task(task)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise BerniniError("prompt is empty: describe the image/video to generate or the edit to make.")
+        check_text(prompt, "prompt", required=True)
+        check_text(neg_prompt, "neg_prompt", required=False)
+        check_text(system_prompt, "system_prompt", required=False)
         neg = neg_prompt if neg_prompt is not None else negative_prompt()
         positive_text = t5_positive_text(task, prompt, system_prompt, full_bernini=True)
         negative_text = t5_negative_text(neg, full_bernini=True)
@@ -159,11 +171,12 @@ class FullPipeline(BerniniPipeline):
                             negative_text=negative_text, model_family=self.family)
 
     # ------------------------------------------------------------------ stage 2: sources
+    @serialised
     def prepare_sources(self, task: str, *, video=None, image=None, images=None, fps: int = 16,
                         num_frames: int = 81, height: int = 480, width: int = 848, max_image_size: int = 848,
-                        video_fps=None, tiling=None) -> PlannerSources:
+                        video_fps=None, tiling=None, on_source=None) -> PlannerSources:
         """VAE latents and ViT features of every source, and the target placeholder
-        (docs/official_behaviour.md §3.2, §4.8, §7.4)."""
+        (docs/official_behaviour.md §3.2, §4.8, §7.4). ``on_source()`` is called after each source (progress)."""
         spec = get_task(task)
         videos = [] if video is None else (list(video) if isinstance(video, (list, tuple)) else [video])
         refs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
@@ -186,6 +199,8 @@ class FullPipeline(BerniniPipeline):
                 vit_frames = _vit_frames(item, rate if rate is not None else fps, fps, num_frames)
                 out.video_vit_frames.append(vit_frames)
                 out.video_items.append(VisualItem("video", vision.video_grid(*vit_frames.shape[:3])))
+                if on_source is not None:
+                    on_source()
             for item in image_list:
                 pixels = media.load_image(item, max_image_size=max_image_size, min_short_edge=FULL_MIN_SHORT_EDGE)
                 out.images.append(vae.encode(pixels.unsqueeze(0).to(device), tiling=tiling).float().cpu())
@@ -193,6 +208,8 @@ class FullPipeline(BerniniPipeline):
                 out.image_vit_inputs.append(vit_input)
                 height_px, width_px = _image_size(vit_input)
                 out.image_items.append(VisualItem("image", vision.image_grid(height_px, width_px)))
+                if on_source is not None:
+                    on_source()
         out.target, out.target_latent_shape = self._target(task, out, num_frames, height, width, max_image_size, fps)
         return out
 
@@ -226,6 +243,7 @@ class FullPipeline(BerniniPipeline):
         return vision.target_item(task, num_frames, height, width, fps=fps), ((frames - 1) // 4 + 1, h // 8, w // 8)
 
     # ------------------------------------------------------------------ stage 3: planning
+    @serialised
     def plan_semantics(self, sources: PlannerSources, embeds: PromptEmbeds, *, prompt: str, neg_prompt: str,
                        seed: int, planning_step: int, vit_denoising_step: int, vit_txt_cfg: float,
                        vit_img_cfg: Optional[float], planner: Optional[PlannerBundle] = None, on_step=None) -> Plan:
@@ -243,7 +261,7 @@ class FullPipeline(BerniniPipeline):
             raise BerniniError("the prompt embeddings and sources must come from this full-Bernini renderer's text "
                                "encoder and VAE (a Bernini-R renderer prepares them differently).")
         check_target_tokens(sources.target.n_tokens, planner.config)
-        _seed_everything(seed)
+        rng = PlannerRng.from_seed(seed)  # the official global seeding, on generators of this call
         t, h, w = sources.target_latent_shape
         n_vae_tokens = t * (h // 2) * (w // 2)
         raw_prompt = prompt_clean(prompt)
@@ -256,11 +274,11 @@ class FullPipeline(BerniniPipeline):
                 branches[name] = planner.template.encode_branch(
                     name, task=sources.task, text=text, visual_inputs=sources.visual_items, target=sources.target,
                     visual_features=features if name == "cond" else ())
-                planner.template.random_draws(sources.target.n_tokens, n_vae_tokens)
+                planner.template.random_draws(sources.target.n_tokens, n_vae_tokens, rng)
             ctx: PlannerContexts = plan(
                 planner.model, branches, planning_step=planning_step,
                 vit_denoising_step=vit_denoising_step, vit_txt_cfg=vit_txt_cfg, vit_img_cfg=vit_img_cfg,
-                dtype=self.dtype, device=handle.load_device, on_step=self._planning_progress(on_step))
+                dtype=self.dtype, device=handle.load_device, rng=rng, on_step=self._planning_progress(on_step))
         pos, neg = embeds.positive.to(self.dtype), embeds.negative.to(self.dtype)
         contexts = {}
         # trimmed T5 first, then the planner tokens, zero-padded to ≥ 512 rows (docs/official_behaviour.md §3.7)
@@ -280,8 +298,11 @@ class FullPipeline(BerniniPipeline):
         return step_done
 
     # ------------------------------------------------------------------ stage 4: rendering
-    def sample(self, plan_: Plan, sources: PlannerSources, settings: dict[str, Any], on_step=None) -> torch.Tensor:
-        """The renderer under a full-Bernini guidance mode; returns the normalised latent (float32, CPU)."""
+    @serialised
+    def sample(self, plan_: Plan, sources: PlannerSources, settings: dict[str, Any], on_step=None, *,
+               force: bool = False) -> torch.Tensor:
+        """The renderer under a full-Bernini guidance mode; returns the normalised latent (float32, CPU).
+        ``force``: run a geometry whose working memory exceeds the machine's."""
         if plan_.model_family != self.family or plan_.version != self.version:
             raise BerniniError(f"the plan was made by Bernini {plan_.version}; this renderer is Bernini {self.version}. "
                                "Plan with the planner of the same release.")
@@ -289,6 +310,10 @@ class FullPipeline(BerniniPipeline):
         check_geometry(height, width)
         guidance = FullGuidance(settings["guidance_mode"])
         check_scheduler(guidance, settings["guidance_mode"], self.config.use_unipc)
+        check_mode_sources(settings["guidance_mode"], n_videos=len(sources.videos), n_images=len(sources.images),
+                           task=sources.task)
+        self.check_render_memory(num_frames, height, width, sum(lat[0, 0].numel() // 4 for lat in
+                                                                sources.videos + sources.images), force=force)
         n_videos, n_images = len(sources.videos), len(sources.images)
         # Ids in conversation order: videos first, then images (docs/official_behaviour.md §4.3). The official full
         # pipeline builds the source RoPE with use_src_id_rotary_emb=True hard-coded (transform_inputs), so the config
@@ -324,47 +349,41 @@ class FullPipeline(BerniniPipeline):
         return frames, height, width
 
     # ------------------------------------------------------------------ call
+    @serialised
     @torch.no_grad()
     def __call__(self, task: str, prompt: str, *, video=None, image=None, images=None,
-                 output_path: Optional[str] = None, overwrite: bool = False, **kwargs) -> BerniniOutput:
-        """As ``BerniniPipeline.__call__``: planner, renderer, decode; ``output_path`` / ``overwrite`` alike."""
-        settings = self.resolve(task, kwargs)
-        tiling = vae_tiling(settings)
-        if output_path is not None:
-            media.check_output_path(output_path)
+                 output_path: Optional[str] = None, overwrite: bool = False, progress: Optional[Progress] = None,
+                 force: bool = False, **kwargs) -> BerniniOutput:
+        """As ``RendererPipeline.__call__``: planner, renderer, decode; ``output_path`` / ``overwrite`` /
+        ``progress`` alike (stages "encode", "plan", "sample", "decode")."""
+        settings = self.resolve(task, kwargs, force=force)
         FullGuidance(settings["guidance_mode"])  # reject a Bernini-R mode early (docs/official_behaviour.md §7.4)
+        self.check_call(task, prompt, settings, video=video, image=image, images=images,
+                        output_path=output_path, force=force)
+        tiling = vae_tiling(settings)
         check_geometry(int(settings["height"] or 0), int(settings["width"] or 0))  # 0 = the source's size
+        encoding = StageSteps(progress, "encode", source_count(video, image, images) + 1)  # sources, then the prompt
         sources = self.prepare_sources(
             task, video=video, image=image, images=images, fps=settings["fps"], num_frames=settings["num_frames"],
             height=settings["height"], width=settings["width"], max_image_size=settings["max_image_size"],
-            video_fps=settings.get("video_fps"), tiling=tiling)
+            video_fps=settings.get("video_fps"), tiling=tiling, on_source=encoding.advance)
         embeds = self.encode_prompt(task, prompt, settings["neg_prompt"], settings.get("system_prompt"))
+        encoding.advance()
+        planning = StageSteps(progress, "plan", settings["planning_step"])
         plan_ = self.plan_semantics(
             sources, embeds, prompt=prompt, neg_prompt=settings["neg_prompt"], seed=settings["seed"],
             planning_step=settings["planning_step"], vit_denoising_step=settings["vit_denoising_step"],
-            vit_txt_cfg=settings["vit_txt_cfg"], vit_img_cfg=settings["vit_img_cfg"])
-        raw = self.components.vae.denormalize(self.sample(plan_, sources, settings))
-        frames = self.decode_raw(raw, tiling=tiling)
+            vit_txt_cfg=settings["vit_txt_cfg"], vit_img_cfg=settings["vit_img_cfg"], on_step=planning.advance)
+        sampling = StageSteps(progress, "sample", settings["num_inference_steps"])
+        raw = self.components.vae.denormalize(self.sample(plan_, sources, settings, on_step=sampling.advance,
+                                                          force=force))
+        frames = self.decode_raw(raw, tiling=tiling, progress=progress)
         out = BerniniOutput(frames=frames, latents=raw, settings=settings,
                             prompt_text=embeds.positive_text)
         if output_path is not None:
             out.output_path = str(media.save_output(frames, output_path, fps=settings["fps"], make_parents=True,
                                                     overwrite=overwrite))
         return out
-
-
-MAX_PLANNER_SEED = 2**32 - 1  # numpy's seed range; the official np.random.seed(seed) has the same limit
-
-
-def _seed_everything(seed: int) -> None:
-    """The official start of `__call__` (docs/official_behaviour.md §7.1): Python, numpy and torch (CPU and CUDA)
-    seeded with `seed`."""
-    if not 0 <= int(seed) <= MAX_PLANNER_SEED:
-        raise BerniniError(f"seed {seed} is out of range for full Bernini: the planner seeds numpy, which takes "
-                           f"0..{MAX_PLANNER_SEED}; pick a seed in that range.")
-    random.seed(int(seed))
-    np.random.seed(int(seed))
-    torch.manual_seed(int(seed))
 
 
 def _vit_frames(item, rate: float, fps: int, num_frames: int) -> np.ndarray:

@@ -14,6 +14,7 @@ themselves, so the same stage code runs under two policies:
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -48,6 +49,15 @@ def resolve_device(device) -> torch.device:
         raise BerniniError(f"device {device!r} is not a valid torch device (e.g. 'cuda', 'cuda:1', 'cpu').") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BerniniError(f"device {str(device)!r} was requested but CUDA is not available; use device='cpu'.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BerniniError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                           f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}.")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise BerniniError(f"device {str(device)!r} was requested but Apple's MPS is not available on this machine; "
+                           "use device='cpu' (or 'cuda' where there is an NVIDIA GPU).")
+    if device.type not in ("cuda", "cpu", "mps"):
+        raise BerniniError(f"device {str(device)!r} cannot run Bernini ('{device.type}' holds no data to compute "
+                           "with or is not supported); use 'cuda', 'cuda:N' or 'cpu'.")
     return device
 
 
@@ -79,6 +89,13 @@ class ModelHandle:
             self.module.to(self.offload_device)
 
 
+# How many stages hold each module now, process-wide: a module can be shared by two pipelines (shared components or
+# planner bundle, one Runtime or two), so one thread's release must not offload weights another thread computes with.
+# Moves happen under the lock, so a load never interleaves with an offload of the same weights.
+_USERS: dict = {}  # module -> count
+_USERS_LOCK = threading.Lock()
+
+
 class Runtime:
     """Standalone policy: moves modules itself; progress and interrupts are callbacks."""
 
@@ -103,23 +120,34 @@ class Runtime:
     def use(self, *handles: ModelHandle, memory_required: int = 0) -> Iterator[tuple[torch.nn.Module, ...]]:
         """Load the handles' modules for one stage; offload them afterwards under the offload policy.
         `memory_required`: the stage's working memory in bytes (see ModelHandle.load)."""
-        modules = tuple(h.load() for h in handles)
+        acquired = []
         try:
-            yield modules
+            for h in handles:
+                self.acquire(h)
+                acquired.append(h)
+            yield tuple(h.module for h in acquired)
         finally:
-            if self.offload:
-                for h in handles:
-                    h.offload()
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            self.release(*acquired)
+
+    def acquire(self, handle: ModelHandle, memory_required: int = 0) -> torch.nn.Module:
+        """Load one module for a stage that calls `release` when done with it (counted, see release)."""
+        with _USERS_LOCK:
+            module = handle.load(memory_required)
+            _USERS[handle.module] = _USERS.get(handle.module, 0) + 1
+            return module
 
     def release(self, *handles: ModelHandle) -> None:
-        """Move modules off the accelerator now (the idle expert, a finished stage)."""
-        if self.offload:
+        """A stage is done with these modules (the idle expert, a finished stage): under the offload policy move each
+        off the accelerator now, unless another stage (another thread) still holds it; its last release does."""
+        with _USERS_LOCK:
             for h in handles:
-                h.offload()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+                users = _USERS.pop(h.module, 0) - 1
+                if users > 0:
+                    _USERS[h.module] = users
+                elif self.offload:
+                    h.offload()
+        if self.offload and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def progress(self, stage: str, step: int, total: int, latent: Optional[torch.Tensor] = None) -> None:
         """One step of a stage done ("plan", "sample"); `latent` (normalised Wan latent) lets a UI preview it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from .errors import BerniniError
 
@@ -62,6 +62,7 @@ class SourceInputs:
     give_image: str
     images: str
     give_images: str
+    give_ref_video: str = "pass two videos: `video=[source, reference]` (--video SOURCE REFERENCE)"
 
 
 PYTHON_INPUTS = SourceInputs("", "`video`", "pass `video` (--video)", "`image`", "pass `image` (--image)",
@@ -74,6 +75,9 @@ def check_sources(task: TaskSpec, *, n_videos: int, has_image: bool, n_images: i
     where = f"{inputs.prefix}task {task.name!r} ({task.description})"
     if task.video == "required" and n_videos == 0:
         raise BerniniError(f"{where} needs a source video: {inputs.give_video}.")
+    if task.name == "ads2v" and n_videos < 2:
+        raise BerniniError(f"{where} needs the source video and then the reference video (the ad to insert), got "
+                           f"{n_videos} video; {inputs.give_ref_video}.")
     if task.video == "none" and n_videos:
         raise BerniniError(f"{where} takes no source video but {inputs.video} was given; use v2v/mv2v/rv2v/ads2v to "
                            "edit a video, or drop it.")
@@ -86,6 +90,38 @@ def check_sources(task: TaskSpec, *, n_videos: int, has_image: bool, n_images: i
     if task.images == "none" and n_images:
         raise BerniniError(f"{where} takes no reference images but {inputs.images} were given; use r2v/rv2v, or drop "
                            "them.")
+
+
+# What each guidance mode's arms condition on (bernini_core/sampling/guidance.py and guidance_full.py): a mode
+# whose arms hold a source would run as plain text-to-video without it, so it is refused instead.
+# "video": the first source video; "images": reference images; "source": any video or image.
+MODE_NEEDS = {
+    "rv2v": "video", "v2v_chain": "video", "v2v": "source", "v2v_apg": "source", "r2v_apg": "images",
+    "rv2v_wapg": "video",
+}
+TEXT_ONLY_MODES = ("t2v", "t2v_apg")
+
+
+def check_mode_sources(mode: str, *, n_videos: int, n_images: int, task: str, where: str = "guidance_mode") -> None:
+    """Refuse a guidance mode whose arms need sources the run does not have (`n_images` counts the edited image
+    and the references)."""
+    need = MODE_NEEDS.get(mode)
+    missing = {"video": n_videos == 0, "images": n_images == 0, "source": n_videos + n_images == 0}.get(need, False)
+    if missing:
+        what = {"video": "a source video", "images": "reference images", "source": "a source video or image"}[need]
+        raise BerniniError(f"{where} {mode!r} guides with {what}, but task {task!r} has none: it would run as plain "
+                           "text-to-video. Use the task's preset mode (leave guidance_mode unset / 'auto'), or give "
+                           "the sources.")
+
+
+def check_text(value, name: str, *, required: bool) -> None:
+    """A prompt-like input must be a string; the prompt itself must say something."""
+    if value is None and not required:
+        return
+    if not isinstance(value, str):
+        raise BerniniError(f"{name} must be a string, got {type(value).__name__} {value!r}.")
+    if required and not value.strip():
+        raise BerniniError(f"{name} is empty: describe the image/video to generate or the edit to make.")
 
 
 # --- Bernini-R presets (docs/official_behaviour.md §5.3; gradio BASE_TASK_DEFAULTS + RENDERER_TASK_DEFAULTS) ---
@@ -145,17 +181,46 @@ FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
     "fps": (1e-3, 1000.0, "the output frame rate (the official 16)"),
     "video_fps": (1e-3, 1000.0, "the frame rate of in-memory source frames"),
 }
-INTEGRAL_SIZES = ("height", "width")
+# Step counts above this are refused unless forced: 200 is the Sample node's maximum (the official presets use
+# 40-50 steps, the gradio sliders stop at 50); 100000 steps would run for weeks with no sign of a mistake.
+MAX_STEPS = 200
+TORCH_SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+# The whole-number settings: (lowest, highest or None, what it is). height/width 0 = the source's size.
+INT_RANGES: dict[str, tuple[int, Optional[int], str]] = {
+    "num_frames": (1, None, "the number of output frames (the form 4n+1, e.g. 81)"),
+    "num_inference_steps": (1, MAX_STEPS, "the renderer's denoising steps (the official 40-50)"),
+    "planning_step": (1, MAX_STEPS, "the planner's MaskGIT steps (the official 25 / 50)"),
+    "vit_denoising_step": (1, MAX_STEPS, "the planner's ViT denoising steps (the official 5 / 1)"),
+    "max_image_size": (16, None, "the longest source edge in pixels (the official 848)"),
+    "seed": (TORCH_SEEDS[0], TORCH_SEEDS[1], "the random seed"),
+    "height": (0, None, "the output height in pixels (a multiple of 16; 0 = the source's where the task allows it)"),
+    "width": (0, None, "the output width in pixels (a multiple of 16; 0 = the source's where the task allows it)"),
+    "vae_tile_px": (0, None, "the VAE tile size in pixels (0 = untiled)"),
+    "vae_tile_overlap_px": (0, None, "the VAE tile overlap in pixels"),
+}
+FORCEABLE = ("num_inference_steps", "planning_step", "vit_denoising_step")  # maxima a user may exceed on purpose
 
 
 def _real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) or (
-        hasattr(value, "item") and getattr(value, "ndim", 1) == 0)
+        hasattr(value, "item") and getattr(value, "ndim", 1) == 0 and not isinstance(value, (str, bytes)))
 
 
-def check_numbers(settings: Mapping[str, Any]) -> None:
-    """Every real-valued setting finite and in its range; height/width whole numbers. One error naming the
-    setting, its value and the range, before any work."""
+def whole_number(name: str, value, what: str) -> int:
+    """`value` as an int when it is a whole number (an int, or a float like 40.0); anything else (2.7, "9", True,
+    NaN) is refused, never truncated."""
+    if isinstance(value, bool) or not _real(value):
+        raise BerniniError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}); it is {what}.")
+    number = value.item() if hasattr(value, "item") else value
+    if isinstance(number, float) and (not math.isfinite(number) or not number.is_integer()):
+        raise BerniniError(f"{name} is {value!r}; it must be a whole number (it is {what}), not rounded for you.")
+    return int(number)
+
+
+def check_numbers(settings: Mapping[str, Any], *, force: bool = False) -> dict[str, int]:
+    """Every real-valued setting finite and in its range; whole-number settings whole and in theirs (step counts
+    above MAX_STEPS only with `force`). One error naming the setting, its value and the range, before any work.
+    Returns the whole-number settings as ints (40.0 → 40) for the caller to store."""
     for name, (low, high, what) in FLOAT_RANGES.items():
         value = settings.get(name)
         if value is None:
@@ -168,21 +233,30 @@ def check_numbers(settings: Mapping[str, Any]) -> None:
             if not math.isfinite(number) or not low <= number <= high:
                 raise BerniniError(f"{name} is {item!r}; it must be a finite number in [{low:g}, {high:g}]: "
                                    f"{what}.")
-    for name in INTEGRAL_SIZES:
+    whole = {}
+    for name, (low, high, what) in INT_RANGES.items():
         value = settings.get(name)
         if value is None:
             continue
-        if not _real(value) or not math.isfinite(float(value)) or float(value) != int(float(value)):
-            raise BerniniError(f"{name} is {value!r}; it must be a whole number of pixels (a multiple of 16, or 0 "
-                               "for the source's size where the task allows it).")
+        number = whole_number(name, value, what)
+        if name == "seed" and not low <= number <= high:
+            raise BerniniError(f"seed {value!r} is out of range; use a seed in {low}..{high}.")
+        if number < low:
+            raise BerniniError(f"{name} is {value!r}; it must be at least {low}: {what}.")
+        if high is not None and number > high:
+            if not force:
+                raise BerniniError(f"{name} is {value!r}, above the sane maximum of {high} ({what}); lower it, or "
+                                   "pass force=True (--force) if you really mean it.")
+        whole[name] = number
+    return whole
 
 
-def resolve_settings(preset: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Preset values overridden by every explicitly given (non-None) keyword, with every real-valued setting
-    checked (``check_numbers``)."""
+def resolve_settings(preset: Mapping[str, Any], overrides: Mapping[str, Any], *, force: bool = False) -> dict[str, Any]:
+    """Preset values overridden by every explicitly given (non-None) keyword, with every number checked
+    (``check_numbers``; `force` lifts the step-count maxima) and whole numbers stored as ints."""
     settings = dict(preset)
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    check_numbers(settings)
+    settings.update(check_numbers(settings, force=force))
     return settings
 
 

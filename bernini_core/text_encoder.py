@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -31,9 +33,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .checkpoints import TensorSource, load_weights_
+from .checkpoints import TensorSource, load_weights_, read_json
 from .errors import BerniniError
 from .quant import dequantize_fp8_state, fp8_format_of
+from .weight_files import broken_file, check_config_types, check_tokenizer_folder, config_error
+
+log = logging.getLogger("bernini.text_encoder")
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -124,6 +129,51 @@ def _resolve_tokenizer_dir(model_dir: Path, tokenizer_dir) -> Path:
                        "pass tokenizer_dir explicitly.")
 
 
+# The config.json values transformers builds UMT5 from; a string here fails deep inside transformers.
+_UMT5_CONFIG_TYPES = {**dict.fromkeys(("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                                       "relative_attention_num_buckets", "relative_attention_max_distance"), int),
+                      "layer_norm_epsilon": float, "feed_forward_proj": str}
+
+
+def read_umt5_config(model_dir) -> dict:
+    """A UMT5 ``config.json`` with its sizes checked to be JSON integers (a BerniniError names file and key)."""
+    path = Path(model_dir) / "config.json"
+    data = read_json(path)
+    check_config_types(path, data, _UMT5_CONFIG_TYPES)
+    return data
+
+
+def check_umt5_folder(model_dir) -> dict:
+    """Before UMT5 is built: its typed config.json, every weight file's header (weight_files), and an embedding
+    table of the vocab_size x d_model the config says; returns the config."""
+    model_dir = Path(model_dir)
+    config = read_umt5_config(model_dir)
+    source = TensorSource.open(model_dir)
+    for key in ("shared.weight", "encoder.embed_tokens.weight"):
+        if key in source:
+            shape = source.shape(key)
+            for name, have in zip(("vocab_size", "d_model"), shape):
+                if name in config and config[name] != have:
+                    raise config_error(model_dir / "config.json", name, config[name],
+                                       f"does not match the UMT5 embedding '{key}' ({list(shape)}) in "
+                                       f"'{model_dir}': the config and the weights are of different models")
+            break
+    return config
+
+
+def load_umt5_tokenizer(folder):
+    """The tokenizer of ``folder`` (local files only); an empty or unreadable folder is a BerniniError naming it."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer_folder(folder, "UMT5")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 (tokenizers raises bare Exceptions; any failure = unreadable folder)
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise broken_file(folder, f"holds a tokenizer transformers cannot read ({type(exc).__name__}: {reason})"
+                          ) from None
+
+
 class UMT5TextEncoder:
     """A transformers ``UMT5EncoderModel`` plus its tokenizer, encoding prompts
     exactly as the official pipelines do."""
@@ -132,6 +182,9 @@ class UMT5TextEncoder:
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
+        # A fast tokenizer switches its truncation/padding state per call and raises "Already borrowed" when two
+        # threads do so at once (pipelines sharing this encoder): one call at a time.
+        self._tokenizer_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, model_dir, tokenizer_dir=None, *, dtype=torch.bfloat16,
@@ -139,7 +192,7 @@ class UMT5TextEncoder:
         """Load a diffusers-style ``text_encoder`` folder (safetensors only, local
         files only). ``tokenizer_dir`` defaults to ``model_dir`` when it holds
         tokenizer files, else to its sibling ``tokenizer`` folder."""
-        from transformers import AutoTokenizer, UMT5EncoderModel
+        from transformers import UMT5EncoderModel
 
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -148,12 +201,27 @@ class UMT5TextEncoder:
         if not any(model_dir.glob("*.safetensors")):
             raise BerniniError(f"UMT5 text encoder folder {str(model_dir)!r} holds no .safetensors weights; "
                                "only safetensors are loaded (convert .bin/.pth weights first).")
+        config = check_umt5_folder(model_dir)
         tok_dir = _resolve_tokenizer_dir(model_dir, tokenizer_dir)
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        tokenizer = load_umt5_tokenizer(tok_dir)
+        if len(tokenizer) > config.get("vocab_size", len(tokenizer)):
+            raise config_error(model_dir / "config.json", "vocab_size", config["vocab_size"],
+                               f"is smaller than the {len(tokenizer)} tokens of the tokenizer in '{tok_dir}'")
         # Same loader and dtype as the official (renderer.py / bernini.py): in bf16
         # transformers keeps no fp32 islands (`_keep_in_fp32_modules` is fp16-only).
-        model = UMT5EncoderModel.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True,
-                                                 local_files_only=True)
+        try:
+            model, info = UMT5EncoderModel.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True,
+                                                           local_files_only=True, output_loading_info=True)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, OSError) as exc:  # e.g. a config size that does not fit the tensors
+            raise broken_file(model_dir, f"could not be loaded as a UMT5 encoder ({type(exc).__name__}: "
+                                         f"{str(exc).strip()[:300]})") from None
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:  # transformers would fill them with random values and only log it
+            raise broken_file(model_dir, f"lacks {len(missing)} UMT5 tensor(s) ({', '.join(missing[:3])}"
+                                         f"{' ...' if len(missing) > 3 else ''}): its weight files are incomplete "
+                                         "or of another model")
         model.eval().requires_grad_(False)
         if torch.device(device) != torch.device("cpu"):
             model.to(device)
@@ -216,16 +284,22 @@ class UMT5TextEncoder:
 
     def tokenize(self, text: str) -> tuple[Tensor, Tensor]:
         """``(input_ids, attention_mask)``, each ``[1, max_length]``, with the
-        official arguments (official ``bernini/pipeline.py`` ``_tokenize`` / ``_get_t5_text_ids``)."""
-        out = self.tokenizer(
-            text,
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
+        official arguments (official ``bernini/pipeline.py`` ``_tokenize`` / ``_get_t5_text_ids``).
+        A text longer than ``max_length`` tokens loses its tail, as in the official; one warning line says so."""
+        with self._tokenizer_lock:
+            full_length = len(self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False).input_ids)
+            out = self.tokenizer(
+                text,
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
+        if full_length > self.max_length:
+            log.warning("a text for UMT5 is %d tokens long; the text encoder keeps the first %d and drops the rest "
+                        "(as the official does); the text ends with %r.", full_length, self.max_length, text[-60:])
         return out.input_ids, out.attention_mask
 
     @torch.no_grad()
@@ -400,13 +474,11 @@ def _tokenizer_from_spiece(model_bytes: bytes, vocab_size: int, path: Path):
 
 
 def _tokenizer_from_folder(tokenizer_dir):
-    from transformers import AutoTokenizer
-
     folder = Path(tokenizer_dir)
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise BerniniError(f"tokenizer_dir '{folder}' holds no tokenizer.json / spiece.model; pass the "
                            "google/umt5-xxl tokenizer folder (in a Wan -Diffusers download: <model>/tokenizer).")
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return load_umt5_tokenizer(folder)
 
 
 def pad_context(embeds: Sequence[Tensor], min_rows: int = 512) -> Tensor:

@@ -12,7 +12,7 @@ the next chunk, so memory does not grow with the frame count. Spatial tiling liv
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import BerniniError
 from .ops import resolve_ops
-from .vae_tiling import TilingConfig, tiled_decode, tiled_encode
+from .vae_tiling import TilingConfig, tile_count, tiled_decode, tiled_encode
 
 CACHE_T = 2  # frames of causal context every conv keeps between chunks (kernel 3 in time)
 
@@ -418,19 +418,28 @@ class WanVAE(nn.Module):
         return out
 
     # ---- decode ---------------------------------------------------------------------------------------
-    def decode_raw(self, latents: torch.Tensor, tiling: Optional[TilingConfig] = None) -> torch.Tensor:
-        """Raw latents [B,16,T,h,w] -> video [B,3,1+4(T-1),8h,8w] clamped to [-1, 1]."""
+    def decode_raw(self, latents: torch.Tensor, tiling: Optional[TilingConfig] = None,
+                   on_chunk: Optional[Callable[[], None]] = None) -> torch.Tensor:
+        """Raw latents [B,16,T,h,w] -> video [B,3,1+4(T-1),8h,8w] clamped to [-1, 1]. `on_chunk()` is called after
+        each decoder call (`decode_chunks` of them; progress)."""
         self.check_latents(latents)
         sf = self.config.spatial_factor
         if tiling is not None and tiling.applies_to(latents.shape[-2] * sf, latents.shape[-1] * sf):
-            return tiled_decode(self, latents, tiling)
-        return self.decode_untiled(latents).clamp_(-1.0, 1.0)
+            return tiled_decode(self, latents, tiling, on_chunk)
+        return self.decode_untiled(latents, on_chunk).clamp_(-1.0, 1.0)
+
+    def decode_chunks(self, latents: torch.Tensor, tiling: Optional[TilingConfig] = None) -> int:
+        """How many decoder calls `decode_raw(latents, tiling)` makes: one per latent frame, per tile when tiled."""
+        sf = self.config.spatial_factor
+        h, w = latents.shape[-2], latents.shape[-1]
+        tiles = tile_count(h, w, tiling, sf) if tiling is not None and tiling.applies_to(h * sf, w * sf) else 1
+        return latents.shape[2] * tiles
 
     def decode(self, latents: torch.Tensor, tiling: Optional[TilingConfig] = None) -> torch.Tensor:
         self.check_latents(latents)
         return self.decode_raw(self.denormalize(latents.to(self.dtype)), tiling)
 
-    def decode_untiled(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_untiled(self, latents: torch.Tensor, on_chunk: Optional[Callable[[], None]] = None) -> torch.Tensor:
         """One latent frame per decoder call with the causal cache; NOT clamped (tiles blend first)."""
         b, _, t, h, w = latents.shape
         sf, tf = self.config.spatial_factor, self.config.temporal_factor
@@ -440,4 +449,6 @@ class WanVAE(nn.Module):
             frames = self.decoder(self.post_quant_conv(latents[:, :, i : i + 1].to(self.dtype)), cache)
             start = 0 if i == 0 else 1 + tf * (i - 1)
             out[:, :, start : start + frames.shape[2]] = frames
+            if on_chunk is not None:
+                on_chunk()
         return out

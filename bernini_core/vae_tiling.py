@@ -102,8 +102,16 @@ def tiled_encode(vae, video: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
     return out
 
 
-def tiled_decode(vae, latents: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
-    """Video [B,3,F,H,W] in [-1,1] from raw latents, decoded tile by tile and blended in pixel space."""
+def tile_count(height: int, width: int, cfg: TilingConfig, factor: int) -> int:
+    """Tiles `tiled_encode`/`tiled_decode` cut a frame of height x width into (`factor`: pixels per unit of
+    height/width, e.g. 8 for latent sizes)."""
+    stride = cfg.stride_px // factor
+    return len(range(0, height, stride)) * len(range(0, width, stride))
+
+
+def tiled_decode(vae, latents: torch.Tensor, cfg: TilingConfig, on_chunk=None) -> torch.Tensor:
+    """Video [B,3,F,H,W] in [-1,1] from raw latents, decoded tile by tile and blended in pixel space
+    (`on_chunk()` after each decoder call, for progress)."""
     vae.check_latents(latents)
     sf, tf = vae.config.spatial_factor, vae.config.temporal_factor
     b, _, t, h, w = latents.shape
@@ -113,7 +121,7 @@ def tiled_decode(vae, latents: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
 
     def decode_tile(i: int, j: int) -> torch.Tensor:
         y, x = starts_h[i], starts_w[j]
-        return vae.decode_untiled(latents[..., y : y + tile, x : x + tile])
+        return vae.decode_untiled(latents[..., y : y + tile, x : x + tile], on_chunk)
 
     _stitch(
         out, [y * sf for y in starts_h], [x * sf for x in starts_w], cfg.stride_px, cfg.overlap_px, decode_tile

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bernini_core.checkpoints import Layout, detect_layout
-from bernini_core.download import OFFICIAL_MODELS, ensure_official_model, files_needed, missing_files
+from bernini_core.download import OFFICIAL_MODELS, ensure_official_model, files_needed, missing_files, staging_folder
 from bernini_core.errors import BerniniError
 
 FULL = ("Bernini-Diffusers", "Bernini-Diffusers-v2")
@@ -126,7 +126,8 @@ def test_download_fetches_only_what_the_part_needs(tmp_path, fake_hub, name, par
     assert len(fake_hub) == 1
     call = fake_hub[0]
     assert call["repo_id"] == OFFICIAL_MODELS[name]
-    assert call["local_dir"] == str(tmp_path / name)
+    assert call["local_dir"] == str(staging_folder(tmp_path / name))  # renamed into place once complete
+    assert not staging_folder(tmp_path / name).exists()
     assert call["allow_patterns"] == files_needed(name, part)
     assert detect_layout(path) == EXPECTED_LAYOUT[name]
     assert missing_files(name, tmp_path, part) == []

@@ -2,8 +2,9 @@
 
 References: a literal transcription of the official ``sample_vit_embed`` loop written here (torch mask
 tensors, scatter / xor, the ``nonzero().sum() == 0`` skip, all three forwards every step through the top-level
-transformers Qwen model with ``output_hidden_states=True``), hand-computed mask lengths, and the global RNG
-streams advanced by hand.
+transformers Qwen model with ``output_hidden_states=True``) drawing from the global generators seeded the official
+way, hand-computed mask lengths, and the global RNG streams advanced by hand; ``plan`` draws from its own
+``PlannerRng`` seeded alike, so equal results also show its generators reproduce the global ones.
 """
 
 import math
@@ -16,6 +17,7 @@ from bernini_core.errors import BerniniError
 from bernini_core.planner.branch import EncodedBranch
 from bernini_core.planner.maskgit import PlannerContexts, mask_lengths, mask_schedule, plan
 from bernini_core.planner.model import PlannerModel
+from bernini_core.planner.rng import PlannerRng
 
 HIDDEN, VIT_DIM, GEN_DIM = 64, 64, 48
 DTYPE = torch.bfloat16  # the official planning dtype (docs/official_behaviour.md §7.3)
@@ -78,12 +80,10 @@ def make_branches(n_targets):
     }
 
 
-def run(model, branches, seed, **kw):
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def run(model, branches, seed, rng=None, **kw):
     args = dict(planning_step=4, vit_denoising_step=2, vit_txt_cfg=1.2, vit_img_cfg=1.0, dtype=DTYPE, device="cpu")
     args.update(kw)
-    return plan(model, branches, **args)
+    return plan(model, branches, rng=rng or PlannerRng.from_seed(seed), **args)
 
 
 def official_plan(model, branches, *, planning_step, vit_denoising_step, vit_txt_cfg, vit_img_cfg, dtype):
@@ -290,8 +290,9 @@ def test_rng_consumption(model, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model.vit_decoder, "sample", spy)
-    run(model, branches, seed=21, planning_step=steps)
-    numpy_after, torch_after = np.random.random(), torch.randn(3)
+    rng = PlannerRng.from_seed(21)
+    run(model, branches, seed=21, rng=rng, planning_step=steps)
+    numpy_after, torch_after = rng.numpy.random(), torch.randn(3, generator=rng.torch)
 
     np.random.seed(21)
     torch.manual_seed(21)
@@ -313,8 +314,9 @@ def test_skipped_steps_draw_nothing_and_keep_mask_token(model, monkeypatch):
     original = model.hidden
     monkeypatch.setattr(model, "hidden", lambda e, b, **kw: calls.append(b.name) or original(e, b, **kw))
     steps = []
-    ctx = run(model, branches, seed=seed, planning_step=3, on_step=lambda s, total: steps.append((s, total)))
-    torch_after = torch.randn(2)
+    rng = PlannerRng.from_seed(seed)
+    ctx = run(model, branches, seed=seed, rng=rng, planning_step=3, on_step=lambda s, total: steps.append((s, total)))
+    torch_after = torch.randn(2, generator=rng.torch)
     assert steps == [(1, 3), (2, 3), (3, 3)]
     assert calls == ["cond", "uncond", "imgcond"] * 2 + ["cond", "uncond"]  # skipped step: no forwards
     mask_token = model.mask_tokens[0, 0].to(DTYPE)

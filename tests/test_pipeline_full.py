@@ -18,6 +18,7 @@ import torch
 
 from bernini_core import BerniniError, BerniniPipeline
 from bernini_core.pipeline_full import FullPipeline
+from bernini_core.planner.rng import PlannerRng
 from bernini_core.tasks import bernini_preset
 from bernini_core.text_encoder import negative_prompt
 
@@ -153,7 +154,8 @@ def official_reveal_counts(order, steps):
 
 
 def replay_rng(seed, n_vit, n_vae, steps, channels):
-    """Seed like the official __call__ and replay every documented draw by hand; returns the reveal counts."""
+    """Seed the global generators like the official __call__ and replay every documented draw by hand; returns the
+    reveal counts."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -182,16 +184,24 @@ def replay_rng(seed, n_vit, n_vae, steps, channels):
     ],
     ids=["t2i-seed0", "t2i-seed5-skip-quirk", "t2v-seed42"],
 )
-def test_rng_protocol(pipe_v1, tiny_bernini_v1_dir, task, height, width, n_vit, latent, seed, steps, skips):
+def test_rng_protocol(pipe_v1, tiny_bernini_v1_dir, monkeypatch, task, height, width, n_vit, latent, seed, steps,
+                      skips):
     num_frames = 1 if task == "t2i" else 5
     sources = pipe_v1.prepare_sources(task, num_frames=num_frames, height=height, width=width, max_image_size=48)
     assert sources.target.n_tokens == n_vit and tuple(sources.target_latent_shape) == latent
     embeds = pipe_v1.encode_prompt(task, "a fox", "blurry")
+    made = []  # the call's own generators (bernini_core/planner/rng.py), to read their final state
+    from_seed = PlannerRng.from_seed
+    monkeypatch.setattr(PlannerRng, "from_seed", lambda s: made.append(from_seed(s)) or made[-1])
     for seed_everything in (random.seed, np.random.seed, torch.manual_seed):
         seed_everything(999)  # whatever came before must not matter
+    before = random.getstate(), np.random.get_state(), torch.get_rng_state()
     pipe_v1.plan_semantics(sources, embeds, prompt="a fox", neg_prompt="blurry", seed=seed,
                            **dict(PLAN, planning_step=steps))
-    after = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    assert random.getstate() == before[0] and torch.equal(torch.get_rng_state(), before[2])  # globals untouched
+    assert np.array_equal(np.random.get_state()[1], before[1][1]) and np.random.get_state()[2:] == before[1][2:]
+    assert len(made) == 1
+    after = made[0].python.getstate(), made[0].numpy.get_state(), made[0].torch.get_state()
 
     config = json.loads((Path(tiny_bernini_v1_dir) / "config.json").read_text())
     channels = config["clip_diff_cfg"]["target_channels"]

@@ -66,7 +66,7 @@ def test_same_seed_same_result_other_seed_differs(pipe):
 
 
 def test_initial_noise_matches_the_official_draw():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from diffusers.utils.torch_utils import randn_tensor
 
     shape = (1, 16, 3, 4, 6)

@@ -23,7 +23,6 @@ from bernini_core.renderer import (
     attention,
     available_backends,
     cast_dit_,
-    set_sequence_parallel,
     source_ids_for,
 )
 from bernini_core.renderer.rope import axis_split, stream_frequencies
@@ -396,23 +395,32 @@ def test_attention_function_and_backend_errors():
 
 
 @torch.no_grad()
-def test_sequence_parallel_hook_takes_self_attention_only(models):
+def test_sequence_parallel_handler_belongs_to_the_instance_and_takes_self_attention_only(models):
+    """The multi-process equality is tests/test_parallel_ulysses.py; here a group of one (no communication)."""
+    from bernini_core.parallel import UlyssesAttention
+
     _, ours = models
     calls = []
 
-    def handler(q, k, v, local):
-        calls.append(q.shape)
-        return local(q, k, v)
+    class Recording(UlyssesAttention):
+        def __call__(self, q, k, v, local_attention, length=None):
+            calls.append((tuple(q.shape), length))
+            return super().__call__(q, k, v, local_attention, length=length)
 
     latent, context, t = _latent(80, 1, 1, 4, 4), _context(81, 1, 512), torch.tensor([5.0])
     plain = ours([latent], [0.0], t, context)
-    set_sequence_parallel(handler)
-    try:
-        hooked = ours([latent], [0.0], t, context)
-    finally:
-        set_sequence_parallel(None)
-    assert len(calls) == TINY.num_layers and calls[0][1] == 4  # self-attention over the 4 tokens
+    parallel = BerniniDiT(TINY).eval()  # a second instance with the same weights
+    parallel.load_state_dict(ours.state_dict())
+    parallel.set_attention_backend("sdpa")
+    parallel.use_sequence_parallel(Recording(None))
+    hooked = parallel([latent], [0.0], t, context)
+    assert ours.sequence_parallel is None and parallel.sequence_parallel is not None
+    assert len(calls) == TINY.num_layers and calls[0] == ((1, 4, 2, 20), 4)  # self-attention over the 4 tokens
     assert torch.equal(hooked, plain)
+    calls.clear()
+    assert torch.equal(ours([latent], [0.0], t, context), plain) and calls == []  # the plain instance is untouched
+    parallel.use_sequence_parallel(None)
+    assert torch.equal(parallel([latent], [0.0], t, context), plain) and calls == []
 
 
 def test_layers_are_built_from_ops():

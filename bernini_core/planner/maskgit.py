@@ -23,6 +23,7 @@ import torch
 from ..errors import require
 from .branch import BRANCHES, EncodedBranch
 from .model import PlannerModel
+from .rng import PlannerRng
 
 FORWARD_ORDER = ("cond", "uncond", "imgcond")  # official sample_vit_embed forward order
 
@@ -84,13 +85,14 @@ class _BranchState:
 @torch.no_grad()
 def plan(model: PlannerModel, branches: Mapping[str, EncodedBranch], *, planning_step: int,
          vit_denoising_step: int, vit_txt_cfg: float, vit_img_cfg: Optional[float], dtype: torch.dtype,
-         device, on_step: Optional[Callable[[int, int], None]] = None) -> PlannerContexts:
+         device, rng: PlannerRng, on_step: Optional[Callable[[int, int], None]] = None) -> PlannerContexts:
     """Run docs/official_behaviour.md §3.5 on the encoded branches and return the §3.7 contexts.
 
-    RNG (docs/official_behaviour.md §7.1): one ``np.random.shuffle`` of arange(N) on numpy's global generator, then per
-    step that predicts anything one ``torch.randn(n, C)`` float32 on torch's global (CPU) generator, cast to the run
-    dtype by the decoder. The model's modules must already sit on ``device`` (the runtime places them); connector and
-    ViT decoder are cast to ``dtype`` here, as the official pipeline does (docs/official_behaviour.md §7.3).
+    RNG (docs/official_behaviour.md §7.1): one ``np.random.shuffle`` of arange(N) on ``rng.numpy``, then per step that
+    predicts anything one ``torch.randn(n, C)`` float32 on ``rng.torch`` (CPU), cast to the run dtype by the decoder;
+    ``rng`` (bernini_core/planner/rng.py) stands in for the official global generators. The model's modules must
+    already sit on ``device`` (the runtime places them); connector and ViT decoder are cast to ``dtype`` here, as
+    the official pipeline does (docs/official_behaviour.md §7.3).
     ``on_step(step, planning_step)`` is called after every planning step (progress, interrupts).
     """
     missing = [name for name in BRANCHES if name not in branches]
@@ -120,7 +122,7 @@ def plan(model: PlannerModel, branches: Mapping[str, EncodedBranch], *, planning
         )
 
     order = np.arange(n_tokens)
-    np.random.shuffle(order)
+    rng.numpy.shuffle(order)
     schedule = mask_schedule(n_tokens, int(planning_step), order)
 
     channels = model.vit_decoder.channels
@@ -132,7 +134,7 @@ def plan(model: PlannerModel, branches: Mapping[str, EncodedBranch], *, planning
                 hidden = model.hidden(state.embeds, state.branch, attention=state.attention)
                 conditions[name] = model.connector.for_vit(hidden[:, state.targets])[0]  # [N, C]
             index = torch.tensor(predict, dtype=torch.long, device=device)
-            noise = torch.randn(len(predict), channels, dtype=torch.float32)  # global generator, CPU
+            noise = torch.randn(len(predict), channels, dtype=torch.float32, generator=rng.torch)  # CPU
             sampled = model.vit_decoder.sample(
                 conditions["cond"][index], conditions["uncond"][index], conditions["imgcond"][index],
                 txt_cfg=vit_txt_cfg, img_cfg=vit_img_cfg, steps=int(vit_denoising_step), noise=noise,

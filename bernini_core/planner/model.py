@@ -18,6 +18,7 @@ block, the rotary table in the weights' dtype), on every transformers version. A
 
 from __future__ import annotations
 
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -187,8 +188,11 @@ class PlannerModel(nn.Module):
             attention = self.attention_inputs(branch, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
         mask, position_ids = attention
         captured: list[torch.Tensor] = []
+        caller = threading.get_ident()
 
         def capture(_module, args, kwargs):
+            if threading.get_ident() != caller:  # another thread's forward of a planner shared by two pipelines
+                return
             captured.append(args[0] if args else kwargs["hidden_states"])
             raise _StopForward
 

@@ -17,18 +17,17 @@ Dropped sources (imgcond, uncond) still consume their item number, so the target
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import BerniniError
 from .branch import BRANCHES, EncodedBranch
+from .rng import PlannerRng
 
 IMAGE_PAD_ID = 151655  # hard-coded in the official template (docs/official_behaviour.md §7.2)
 VIDEO_PAD_ID = 151656
@@ -241,18 +240,19 @@ class PlannerTemplate:
         )
 
     @staticmethod
-    def random_draws(n_target_vit_tokens: int, n_target_vae_tokens: int) -> None:
-        """Advance the global RNG streams exactly as one official branch encoding does (docs/official_behaviour.md §7.1
-        item 1); nothing drawn here affects the output. In order:
+    def random_draws(n_target_vit_tokens: int, n_target_vae_tokens: int, rng: PlannerRng) -> None:
+        """Advance the planner's streams exactly as one official branch encoding advances the global ones
+        (docs/official_behaviour.md §7.1 item 1); nothing drawn here affects the output. In order:
 
         1. three ``random.random()`` (the text / image / video dropout decisions);
         2. ``np.random.shuffle(list(range(n_target_vit_tokens)))`` (the training-time target
            mask order);
-        3. ``torch.randn([n_target_vae_tokens, 16, 1, 2, 2])`` in float32 on the global CPU
-           generator (the noise of the packed target VAE latent, multiplied by σ = 0).
+        3. ``torch.randn([n_target_vae_tokens, 16, 1, 2, 2])`` in float32 on the CPU generator (the noise of the
+           packed target VAE latent, multiplied by σ = 0).
 
-        Call it once per branch, in the order cond, imgcond, uncond, right after seeding."""
+        ``rng`` (bernini_core/planner/rng.py) stands in for the official global generators. Call it once per
+        branch, in the order cond, imgcond, uncond, right after seeding."""
         for _ in range(3):
-            random.random()
-        np.random.shuffle(list(range(int(n_target_vit_tokens))))
-        torch.randn(int(n_target_vae_tokens), *_TARGET_VAE_CHANNELS, dtype=torch.float32)
+            rng.python.random()
+        rng.numpy.shuffle(list(range(int(n_target_vit_tokens))))
+        torch.randn(int(n_target_vae_tokens), *_TARGET_VAE_CHANNELS, dtype=torch.float32, generator=rng.torch)

@@ -130,7 +130,7 @@ def target_item(task: str, num_frames: int, height: int, width: int, first_video
 def _to_uint8_hwc(array, what: str) -> np.ndarray:
     """PIL, uint8 or float 0..1 (numpy / torch) → uint8 numpy, floats rounded to 8 bit (as media does)."""
     if isinstance(array, Image.Image):
-        return np.asarray(array.convert("RGB"))
+        return media.pil_to_rgb(array, what)
     return media.to_uint8(array, what)
 
 
@@ -147,7 +147,7 @@ def open_image_for_vit(path) -> Image.Image:
         raise BerniniError(f"image file {str(path)!r} does not exist; check the path.")
     try:
         with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert("RGB")
+            return Image.fromarray(media.pil_to_rgb(ImageOps.exif_transpose(img), f"image {str(path)!r}"))
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise BerniniError(f"image {str(path)!r} cannot be decoded ({exc}); use a PNG/JPEG/WebP image.") from exc
 

@@ -11,9 +11,10 @@ else sdpa).
 The flash/sage kernels take no key mask: masked calls (cross-attention of a batch whose contexts
 have different lengths) always go through SDPA, which is exact and cheap for a few hundred keys.
 
-``set_sequence_parallel(handler)`` is the single place a multi-GPU (Ulysses-style) backend plugs in:
-when set, self-attention calls ``handler(q, k, v, local_attention)`` instead of the local kernel,
-where ``local_attention(q, k, v)`` runs the selected kernel on whatever shard the handler holds.
+Sequence parallelism plugs in per call, never through process state: ``attention(..., sequence_parallel=handler)``
+calls ``handler(q, k, v, local_attention)`` instead of the local kernel, where ``local_attention(q, k, v)`` runs the
+selected kernel on whatever the handler gathered (bernini_core/parallel/ulysses.py; the DiT instance that holds the
+handler passes it to its self-attention calls only, docs/architecture.md §5.1).
 """
 
 from __future__ import annotations
@@ -28,18 +29,6 @@ import torch.nn.functional as F
 from ..errors import BerniniError
 
 BACKENDS = ("sdpa", "flash", "sage", "auto")
-
-_sequence_parallel_handler: Optional[Callable] = None
-
-
-def set_sequence_parallel(handler: Optional[Callable]) -> None:
-    """Route self-attention through ``handler(q, k, v, local_attention)``; None restores local attention."""
-    global _sequence_parallel_handler
-    _sequence_parallel_handler = handler
-
-
-def get_sequence_parallel() -> Optional[Callable]:
-    return _sequence_parallel_handler
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,16 +120,17 @@ def _local_attention(q, k, v, *, key_mask, backend):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
-              backend: Optional[str] = None, self_attention: bool = False) -> torch.Tensor:
+              backend: Optional[str] = None, sequence_parallel: Optional[Callable] = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v over [B, L, heads, head_dim] tensors.
 
-    key_mask: optional bool [B, Lk], True = key attended. self_attention: marks the calls that a
-    sequence-parallel handler (``set_sequence_parallel``) must take over.
+    key_mask: optional bool [B, Lk], True = key attended. sequence_parallel: for sharded self-attention, a
+    handler ``(q, k, v, local_attention) -> out`` (e.g. a bound ``UlyssesAttention``) that runs the selected
+    kernel on the gathered sequence; None attends locally.
     """
     backend = check_backend(backend)
-    if self_attention and _sequence_parallel_handler is not None:
+    if sequence_parallel is not None:
         if key_mask is not None:
             raise BerniniError("sequence-parallel self-attention does not support a key mask.")
         local = functools.partial(_local_attention, key_mask=None, backend=backend)
-        return _sequence_parallel_handler(q, k, v, local)
+        return sequence_parallel(q, k, v, local)
     return _local_attention(q, k, v, key_mask=key_mask, backend=backend)

@@ -13,6 +13,7 @@ multiplied (3D part x source phase) in complex128; q/k are rotated as interleave
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Sequence
 
@@ -94,8 +95,23 @@ class RopeTableCache:
         self.max_entries = max_entries
         self._tables: OrderedDict = OrderedDict()
         self.builds = 0  # number of tables built (observable by tests / benchmarks)
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle of a DiT: a lock cannot be copied, make a new one
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def get(self, grids: Sequence[Sequence[int]], source_ids: Sequence[float], device) -> torch.Tensor:
+        # locked: a DiT shared by two pipelines runs in two threads, and an eviction must not race a lookup
+        with self._lock:
+            return self._get(grids, source_ids, device)
+
+    def _get(self, grids: Sequence[Sequence[int]], source_ids: Sequence[float], device) -> torch.Tensor:
         grids = tuple(tuple(int(g) for g in grid) for grid in grids)
         sids = tuple(float(s) for s in source_ids)
         key = (grids, sids, str(torch.device(device)))

@@ -100,7 +100,9 @@ class DiTAttention(nn.Module):
         self.norm_q = RMSNormAcrossHeads(dim, eps, **factory)
         self.norm_k = RMSNormAcrossHeads(dim, eps, **factory)
 
-    def forward(self, x, context=None, rope_freqs=None, key_mask=None, backend=None):
+    def forward(self, x, context=None, rope_freqs=None, key_mask=None, backend=None, sequence_parallel=None):
+        """sequence_parallel: self-attention over a sequence shard (see attention()); ignored for cross-attention,
+        whose queries stay sharded and whose keys are the whole context."""
         source = x if context is None else context
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1))
         k = self.norm_k(self.to_k(source)).unflatten(-1, (self.heads, -1))
@@ -108,7 +110,8 @@ class DiTAttention(nn.Module):
         if rope_freqs is not None:
             q = apply_rope(q, rope_freqs)
             k = apply_rope(k, rope_freqs)
-        out = attention(q, k, v, key_mask=key_mask, backend=backend, self_attention=context is None)
+        out = attention(q, k, v, key_mask=key_mask, backend=backend,
+                        sequence_parallel=sequence_parallel if context is None else None)
         return self.to_out[0](out.flatten(2).to(q.dtype))
 
 
@@ -147,13 +150,15 @@ class DiTBlock(nn.Module):
         self.norm3 = ops.LayerNorm(dim, eps=cfg.eps, elementwise_affine=False, **factory)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim, **factory) / dim**0.5)
 
-    def forward(self, x, context, modulation, rope_freqs, context_key_mask=None, backend=None):
+    def forward(self, x, context, modulation, rope_freqs, context_key_mask=None, backend=None,
+                sequence_parallel=None):
         table = self.scale_shift_table.to(device=x.device, dtype=torch.float32)
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (table + modulation.float()).chunk(6, dim=1)
         dtype = x.dtype
 
         h = (_layer_norm_fp32(self.norm1, x) * (1 + scale) + shift).to(dtype)
-        x = (x.float() + self.attn1(h, rope_freqs=rope_freqs, backend=backend) * gate).to(dtype)
+        x = (x.float() + self.attn1(h, rope_freqs=rope_freqs, backend=backend,
+                                    sequence_parallel=sequence_parallel) * gate).to(dtype)
 
         h = _layer_norm_fp32(self.norm2, x).to(dtype)
         x = x + self.attn2(h, context=context, key_mask=context_key_mask, backend=backend)
@@ -243,12 +248,24 @@ class BerniniDiT(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim, **factory) / dim**0.5)
         self.rope_cache = RopeTableCache(config.attention_head_dim, config.rope_max_seq_len)
         self.attention_backend = "auto"
+        self.sequence_parallel = None  # a UlyssesAttention (bernini_core/parallel/ulysses.py) or None: plain
         self._compute_dtype: Optional[torch.dtype] = None
 
     # ------------------------------------------------------------------ settings
     def set_attention_backend(self, name: str) -> None:
         """Select the attention kernel ("sdpa", "flash", "sage", "auto"); BerniniError if unknown/missing."""
         self.attention_backend = check_backend(name)
+
+    def use_sequence_parallel(self, handler) -> None:
+        """Shard this instance's forwards over a Ulysses group (``ParallelState.sequence_parallel()``, a
+        ``UlyssesAttention``); None restores the plain forward. Only this instance is affected. Every rank of the
+        group must then call forward with the same inputs; each gets the whole output (docs/architecture.md §5.1).
+        """
+        if handler is not None:
+            check_heads = getattr(handler, "check_heads", None)
+            if check_heads is not None:
+                check_heads(self.config.num_attention_heads)  # BerniniError naming the sizes that fit
+        self.sequence_parallel = handler
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -300,8 +317,17 @@ class BerniniDiT(nn.Module):
             raise BerniniError(f"context: embedded for batch {context.hidden.shape[0]}, streams have batch {batch}.")
         context, key_mask = context.hidden, context.key_mask
 
+        parallel, attend = self.sequence_parallel, None
+        if parallel is not None:
+            # Ulysses: this rank keeps its slice of the (zero-padded) token sequence and the matching RoPE rows;
+            # per-sample modulation and the text context stay whole.
+            x, length = parallel.shard(x, dim=1)
+            rope_freqs, _ = parallel.shard(rope_freqs, dim=0)
+            attend = parallel.bind(length)
         for block in self.blocks:
-            x = block(x, context, modulation, rope_freqs, key_mask, self.attention_backend)
+            x = block(x, context, modulation, rope_freqs, key_mask, self.attention_backend, sequence_parallel=attend)
+        if parallel is not None:
+            x = parallel.gather(x, length, dim=1)
 
         frames, rows, cols = grids[-1]
         x = x[:, -frames * rows * cols:]
