@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -199,6 +200,24 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars and no info lines on stderr; warnings, "
                    "errors and the written paths (stdout) still print (default: off: bars for loading, encoding, "
                    "planning, denoising and decoding)")
+
+    g = gen.add_argument_group("multi-GPU (README \"Multi-GPU\"; under torchrun, or started here with --gpus)")
+    g.add_argument("--gpus", type=int, default=None, help="start this many processes on this machine, one per GPU "
+                   "(with --device cpu: CPU processes, for trying it out), as one run; not needed under torchrun "
+                   "(default: one process)")
+    g.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel degree: the DiT's tokens are "
+                   "split across this many ranks; must divide the head count (40 for A14B, 12 for 1.3B) "
+                   "(default: %(default)s, the official flag)")
+    g.add_argument("--cfg_parallel", type=int, default=1, help="guidance-arm parallel degree: each step's 2-6 DiT "
+                   "passes are spread over this many Ulysses groups (default: %(default)s)")
+    g.add_argument("--fsdp", action="store_true", help="also shard each expert's weights over the Ulysses group "
+                   "(FSDP2): 1/U of the 14B weights per GPU, for GPUs under ~40 GB; needs --ulysses 2 or more "
+                   "(default: off, every GPU holds whole experts)")
+    g.add_argument("--parallel_timeout", type=float, default=1800.0, help="seconds a rank waits for the others "
+                   "before the run stops with an error naming it (default: %(default)s)")
+    g.add_argument("--save_latents", default=None, metavar="FILE.safetensors", help="also write the raw final "
+                   "latents (and the settings used, as metadata) to this safetensors file; a batch numbers it per "
+                   "run (default: none)")
 
     g = gen.add_argument_group("generation (default: the task's official preset)")
     for name, kind, text in GENERATION_FLAGS:
@@ -518,74 +537,205 @@ def progress_bars(quiet: bool) -> Iterator[Optional[TqdmProgress]]:
 
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
+    from .parallel.launch import distributed_env, launch_local
+
     tasks = load_tasks(args)
     family, version = model_family(args)
     check_runs(args, tasks, family, version)  # before the model loads: a typo costs nothing
+    env = distributed_env()
+    check_parallel_flags(args, env)
+    if args.gpus and env is None:  # start the ranks here; each runs this command under the launcher's environment
+        launch_local(args.gpus, args.argv, device=args.device, timeout_s=args.parallel_timeout)
+        return []
 
+    with tempfile.TemporaryDirectory(prefix="bernini-tiny-") as tmp:
+        config = resolve_config(args.config, Path(tmp))
+        parallel, device = join_parallel_run(args, env, config) if env is not None else (None, args.device)
+        runs = list(enumerate(tasks))  # (index in the batch, entry): names and "run i/N" use the batch index
+        if parallel is not None:
+            runs = runs[parallel.dp_rank::parallel.dp_size]  # the official data-parallel split
+        leader = parallel is None or parallel.is_replica_leader
+        if not leader:  # one rank per group writes files, logs and shows progress
+            logging.getLogger("bernini").setLevel(logging.WARNING)
+        with progress_bars(getattr(args, "quiet", False) or not leader) as bars:
+            written = _generate(args, config, runs, len(tasks), device, parallel, bars, leader)
+    return written
+
+
+def check_parallel_flags(args: argparse.Namespace, env) -> None:
+    """The multi-process flags, before anything loads or starts."""
+    from .parallel import ParallelConfig
+
+    for name in ("gpus", "ulysses", "cfg_parallel"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BerniniError(f"--{name} {value}: must be at least 1.")
+    if args.parallel_timeout <= 0:
+        raise BerniniError(f"--parallel_timeout {args.parallel_timeout}: must be a positive number of seconds.")
+    world = env.world_size if env is not None else (args.gpus or 1)
+    groups = args.ulysses * args.cfg_parallel
+    if world == 1 and groups > 1:
+        raise BerniniError(f"--ulysses {args.ulysses} / --cfg_parallel {args.cfg_parallel} need {groups} processes; "
+                           f"start them with --gpus {groups} or torchrun --nproc-per-node {groups}.")
+    if world % groups:
+        raise BerniniError(f"{world} process(es) cannot be split into groups of --ulysses {args.ulysses} × "
+                           f"--cfg_parallel {args.cfg_parallel} = {groups}; use a process count that is a multiple "
+                           f"of {groups}, or other degrees.")
+    config = ParallelConfig(ulysses=args.ulysses, cfg=args.cfg_parallel, dp=world // groups)
+    heads = dit_heads(args)
+    config.check(heads=heads, world_size=world)
+    if args.fsdp:
+        from .parallel.fsdp import check_fsdp
+
+        check_fsdp(config)
+    if args.save_latents:
+        from . import media
+
+        if not args.save_latents.endswith(".safetensors"):
+            raise BerniniError(f"--save_latents {args.save_latents!r}: the file must end in .safetensors.")
+        media.check_output_path(args.save_latents)
+
+
+def dit_heads(args: argparse.Namespace) -> Optional[int]:
+    """The DiT's attention-head count from its config file (no weights read), or None where only the weights tell
+    (a single-file expert); the Ulysses degree must divide it."""
+    if args.config in TINY_CONFIGS:
+        from .tiny import TINY_DIT
+        from .tiny_full import TINY_FULL_DIT
+
+        return (TINY_FULL_DIT if TINY_CONFIGS[args.config][0] == "full" else TINY_DIT)["num_attention_heads"]
+    from .loaders import read_dit_config
+
+    base = Path(args.config)
+    for candidate in (base / "transformer" / "config.json", base / "transformer_config.json"):
+        if candidate.is_file():
+            return read_dit_config(candidate).num_attention_heads
+    return None
+
+
+def join_parallel_run(args: argparse.Namespace, env, config_path: str):
+    """Under torchrun / --gpus: this rank's device, the process group, and the groups of the layout."""
+    from .parallel import ParallelConfig, ParallelState
+    from .parallel.launch import init_process_group, rank_device
+
+    device = rank_device(args.device, env.local_rank)
+    init_process_group(device, args.parallel_timeout)
+    groups = args.ulysses * args.cfg_parallel
+    state = ParallelState.build(ParallelConfig(ulysses=args.ulysses, cfg=args.cfg_parallel,
+                                               dp=env.world_size // groups),
+                                timeout=timedelta(seconds=args.parallel_timeout))
+    if state.rank == 0:
+        log.info("multi-process run: %s", state.describe())
+    return state, str(device)
+
+
+def _generate(args, config, runs, count, device, parallel, bars, leader) -> list[Path]:
     from .pipeline import BerniniPipeline
 
     written = []
-    with tempfile.TemporaryDirectory(prefix="bernini-tiny-") as tmp, \
-            progress_bars(getattr(args, "quiet", False)) as bars:
-        config = resolve_config(args.config, Path(tmp))
-        with transformers_progress_bars_off():
-            pipe = BerniniPipeline.from_pretrained(  # loaded once for every run of the batch
-                config,
-                high_noise_ckpt=args.high_noise_ckpt,
-                low_noise_ckpt=args.low_noise_ckpt,
-                device=args.device,
-                dtype=args.dtype,
-                attention=args.attention,
-                offload=args.offload,
-                use_unipc=args.use_unipc,
-                use_src_id_rotary_emb=args.use_src_tgt_id,
-                interpolate_src_id=args.interpolate_src_id,
-                max_trained_src_id=args.max_trained_src_id,
-                progress=bars,
-            )
-        for index, task in enumerate(tasks):
-            if bars is not None and len(tasks) > 1:
-                bars.prefix = f"run {index + 1}/{len(tasks)} "  # which run of the batch each bar belongs to
-            video = task.get("video")
-            if isinstance(video, list) and len(video) == 1:
-                video = video[0]
-            kwargs = generation_kwargs(args)
-            if task.get("guidance_mode"):
-                kwargs["guidance_mode"] = task["guidance_mode"]
-            out = pipe(
-                task=task.get("task_type") or args.task_type,
-                prompt=task["prompt"],
-                video=video,
-                image=task.get("image"),
-                images=task.get("images"),
-                output_path=task.get("output") or args.output,
-                overwrite=args.overwrite,
-                force=args.force,
-                progress=bars,
-                **kwargs,
-            )
-            count = out.frames.shape[0]
-            log.info("saved %s (%d frame%s, %dx%d)", out.output_path, count, "" if count == 1 else "s",
-                     out.frames.shape[2], out.frames.shape[1])
-            print(out.output_path, flush=True)  # stdout, bars or not: scripts read the paths from there
-            written.append(Path(out.output_path))
+    with transformers_progress_bars_off():
+        pipe = BerniniPipeline.from_pretrained(  # loaded once for every run of the batch
+            config,
+            high_noise_ckpt=args.high_noise_ckpt,
+            low_noise_ckpt=args.low_noise_ckpt,
+            device=device,
+            parallel=parallel,
+            fsdp=args.fsdp,
+            dtype=args.dtype,
+            attention=args.attention,
+            offload=args.offload,
+            use_unipc=args.use_unipc,
+            use_src_id_rotary_emb=args.use_src_tgt_id,
+            interpolate_src_id=args.interpolate_src_id,
+            max_trained_src_id=args.max_trained_src_id,
+            progress=bars,
+        )
+    for index, task in runs:
+        if bars is not None and count > 1:
+            bars.prefix = f"run {index + 1}/{count} "  # which run of the batch each bar belongs to
+        video = task.get("video")
+        if isinstance(video, list) and len(video) == 1:
+            video = video[0]
+        kwargs = generation_kwargs(args)
+        if task.get("guidance_mode"):
+            kwargs["guidance_mode"] = task["guidance_mode"]
+        out = pipe(
+            task=task.get("task_type") or args.task_type,
+            prompt=task["prompt"],
+            video=video,
+            image=task.get("image"),
+            images=task.get("images"),
+            output_path=task.get("output") or args.output,
+            overwrite=args.overwrite,
+            force=args.force,
+            progress=bars,
+            **kwargs,
+        )
+        if not leader:  # the group leader decoded and wrote this run
+            continue
+        n_frames = out.frames.shape[0]
+        log.info("saved %s (%d frame%s, %dx%d)", out.output_path, n_frames, "" if n_frames == 1 else "s",
+                 out.frames.shape[2], out.frames.shape[1])
+        print(out.output_path, flush=True)  # stdout, bars or not: scripts read the paths from there
+        written.append(Path(out.output_path))
+        if args.save_latents:
+            from . import media
+
+            saved = media.save_latents(out.latents, _numbered(args.save_latents, index, count),
+                                       out.settings, overwrite=args.overwrite)
+            log.info("saved the final latents to %s", saved)
+            print(saved, flush=True)
     return written
+
+
+def _numbered(path: str, index: int, count: int) -> str:
+    """One latents file per run of a batch: FILE_000.safetensors, FILE_001..., as batch outputs are named."""
+    if count == 1:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}_{index:03d}{p.suffix}"))
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     """The `bernini` console script (prog "bernini"); `python -m bernini_core` passes its own prog."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser(prog).parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus relaunches in each rank
     engine_log = logging.getLogger("bernini")
     level = engine_log.level
     if getattr(args, "quiet", False):
         engine_log.setLevel(logging.WARNING)  # --quiet: warnings and errors only; restored for in-process callers
+    from .parallel.launch import distributed_env
+
+    env = distributed_env()
     try:
         if args.command == "generate":
             run_generate(args)
     except BerniniError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}" if env is None else f"error: rank {env.rank}: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a failed collective (gloo) in a multi-process run; anything else is a bug
+        if env is None or not _is_collective_error(exc):
+            raise
+        from .parallel.launch import describe_collective_error
+
+        print(f"error: {describe_collective_error(exc, env.rank)}", file=sys.stderr)
+        return 3
     finally:
         engine_log.setLevel(level)
+        _leave_process_group()
     return 0
+
+
+def _is_collective_error(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(exc, getattr(dist, "DistError", ())) or "gloo" in str(exc).lower() or \
+        "nccl" in str(exc).lower() or "connection" in str(exc).lower()
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

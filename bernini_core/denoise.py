@@ -10,7 +10,11 @@ Mirrors `GEN_Wanx22.sample` of the official renderer (docs/official_behaviour.md
   there are more than `max_trained_src_id` sources (full Bernini builds its own combos and
   contexts and reuses the same loop, `denoise`);
 * the noisy target is cast to the DiT dtype for the forward; the scheduler steps the float32
-  latent.
+  latent;
+* parallel (``parallel=ParallelState``, docs/architecture.md §5.1): with C guidance-arm groups each step's arms are
+  spread over the groups by token count (``parallel.arms.assign_arms``), each rank runs only its group's arms (a
+  Ulysses group's ranks run them together), and every arm's output is broadcast from its group over the cfg group,
+  so every rank combines the same arms into the same velocity and steps the same sample.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .errors import BerniniError
+from .parallel.arms import assign_arms
+from .parallel.exchange import broadcast_into, check_identical
+from .parallel.state import ParallelState
 from .renderer.rope import source_ids_for
 from .runtime import ModelHandle, Runtime
 from .sampling.guidance import APGConfig, Omegas, RendererGuidance
@@ -104,39 +111,57 @@ def denoise(
     runtime: Runtime,
     use_unipc: bool = True,
     on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+    parallel: Optional[ParallelState] = None,
 ) -> torch.Tensor:
     """The guided sampling loop shared by both families; returns the normalised float32 latent on the CPU.
 
     `guidance.arms(omegas)` names, per step, the DiT calls to make: each arm's `combo` selects the source
     streams (`combos`) and its context key (`text` for Bernini-R arms, `context` for full-Bernini arms)
     the cross-attention context (`contexts`, [1, L, D], L ≥ 512).
+
+    `parallel`: this process's place in a parallel run (None: one process alone). Every rank of a data-parallel
+    replica calls `denoise` at once with the same inputs (checked once, up front); with `parallel.cfg_size` > 1
+    each rank runs only the arms of its arm group and receives the others' outputs, so all return the same latent.
+    A Ulysses group shards each forward through the experts' own handler (`BerniniDiT.use_sequence_parallel`).
     """
+    parallel = ParallelState.single() if parallel is None else parallel
+    arm_groups = parallel.cfg_size
     scheduler = make_scheduler(use_unipc, flow_shift)
     scheduler.set_timesteps(int(num_inference_steps))
     device = experts.high.load_device  # where the experts run (ComfyUI may differ from runtime.device)
     sample = initial_noise(seed, num_frames, height, width).to(device)
 
-    # Constant across steps, built once per expert: the projected contexts and the cast source streams.
+    # Constant across steps, built once per expert: the projected contexts and the cast source streams (with arm
+    # groups only those of this rank's arms; the arms change only with the omegas, i.e. at the expert switch).
     prepared: dict = {}
 
-    def inputs_for(handle: ModelHandle, dit):
-        if handle.name not in prepared:
+    def inputs_for(handle: ModelHandle, dit, arms):
+        if arm_groups == 1:
+            needed = (tuple(contexts), tuple(combos))
+        else:
+            needed = (tuple(dict.fromkeys(_context_key(arm) for arm in arms)),
+                      tuple(dict.fromkeys(arm.combo for arm in arms)))
+        if prepared.get("key") != (handle.name, needed):
+            prepared.clear()  # the other expert's projections are no longer needed
             dtype = dit.compute_dtype
             with torch.no_grad():
-                embedded = {name: dit.embed_context(ctx, device=device) for name, ctx in contexts.items()}
-            streams = {name: [lat.to(device=device, dtype=dtype) for lat in latents] for name, (latents, _) in combos.items()}
-            prepared.clear()  # the other expert's projections are no longer needed
-            prepared[handle.name] = (embedded, streams)
-        return prepared[handle.name]
+                embedded = {name: dit.embed_context(contexts[name], device=device) for name in needed[0]}
+            streams = {name: [lat.to(device=device, dtype=dtype) for lat in combos[name][0]] for name in needed[1]}
+            prepared.update(key=(handle.name, needed), inputs=(embedded, streams))
+        return prepared["inputs"]
 
     boundary_t = experts.boundary * 1000.0
     total = len(scheduler.timesteps)
     # The largest arm's sequence (all sources + target) sizes the activations the memory manager must make room for.
     patch = 4  # (1, 2, 2) patches
     target_tokens = sample[0, 0].numel() // patch
-    source_tokens = max((sum(lat[0, 0].numel() // patch for lat in latents) for latents, _ in combos.values()),
-                        default=0)
+    combo_tokens = {name: sum(lat[0, 0].numel() // patch for lat in latents) for name, (latents, _) in combos.items()}
+    source_tokens = max(combo_tokens.values(), default=0)
     rows = max((ctx.shape[-2] for ctx in contexts.values()), default=512)
+    if parallel.is_parallel:  # a rank given other inputs would silently desynchronise (or hang) the group
+        check_identical(_run_signature(guidance, combos, contexts, omegas, num_frames, height, width,
+                                       num_inference_steps, flow_shift, omega_scale, seed, use_unipc, experts),
+                        parallel.replica_group, "the sampling inputs (combos, contexts, settings)", device)
 
     def load(handle: ModelHandle):
         return runtime.acquire(handle, handle.module.working_memory(target_tokens + source_tokens, rows))
@@ -152,14 +177,22 @@ def denoise(
                 current, switched = experts.low, True
                 dit = load(current)
                 omegas = omegas.scaled(omega_scale)
-            context_inputs, stream_inputs = inputs_for(current, dit)
+            arms = guidance.arms(omegas)
+            if arm_groups == 1:
+                owners, mine = None, arms
+            else:  # this rank's arm group runs its share; the other groups run theirs meanwhile
+                owners = assign_arms([target_tokens + combo_tokens[arm.combo] for arm in arms], arm_groups)
+                mine = [arm for arm, owner in zip(arms, owners) if owner == parallel.cfg_rank]
+            context_inputs, stream_inputs = inputs_for(current, dit, mine)
             target = sample.to(dit.compute_dtype)
             timestep = torch.full((1,), float(t), device=device)
             eps = {}
-            for arm in guidance.arms(omegas):
-                context = context_inputs[getattr(arm, "text", None) or arm.context]
+            for arm in mine:
+                context = context_inputs[_context_key(arm)]
                 ids = list(combos[arm.combo][1]) + [0.0]
                 eps[arm] = dit(stream_inputs[arm.combo] + [target], ids, timestep, context)
+            if owners is not None:
+                eps = _share_arms(eps, arms, owners, target, parallel)
             sigma = scheduler.current_sigma
             velocity = guidance.combine(eps, omegas, sample=sample, sigma=sigma)
             denoised = sample - sigma * velocity.float()  # the x0 estimate, what ComfyUI previews
@@ -175,6 +208,44 @@ def denoise(
     finally:
         runtime.release(current)
     return sample.float().cpu()
+
+
+def _context_key(arm) -> str:
+    """The contexts key of an arm: `text` for Bernini-R arms, `context` for full-Bernini arms."""
+    return getattr(arm, "text", None) or arm.context
+
+
+def _share_arms(eps: dict, arms: list, owners: list, target: torch.Tensor, parallel: ParallelState) -> dict:
+    """Every arm's output on every rank of the cfg group, in arm order: each is broadcast from the rank of its
+    owner group that has this rank's Ulysses rank (every rank of a Ulysses group holds the whole output). An arm's
+    output has the target's shape and dtype, so receivers allocate it without a header."""
+    shared = {}
+    for arm, owner in zip(arms, owners):
+        if owner == parallel.cfg_rank:
+            out = eps.pop(arm)
+            if out.shape != target.shape or out.dtype != target.dtype:
+                raise BerniniError(f"guidance arm {arm}: the DiT returned {list(out.shape)} {out.dtype}, expected the "
+                                   f"target's {list(target.shape)} {target.dtype}.")
+            out = out.contiguous()
+        else:
+            out = torch.empty_like(target, memory_format=torch.contiguous_format)
+        shared[arm] = broadcast_into(out, parallel.cfg_ranks[owner], parallel.cfg_group)
+    return shared
+
+
+def _run_signature(guidance, combos, contexts, omegas, *settings_and_experts) -> dict:
+    """What every rank of a replica must agree on before sampling: the arms, every stream's and context's shape,
+    dtype and source ids, the omegas and the settings (values of tensors are not compared)."""
+    *settings, experts = settings_and_experts
+    return {
+        "guidance": [type(guidance).__name__, getattr(guidance, "mode", None), [str(a) for a in guidance.arms(omegas)]],
+        "combos": {name: [[[list(lat.shape), str(lat.dtype)] for lat in latents], [float(i) for i in ids]]
+                   for name, (latents, ids) in combos.items()},
+        "contexts": {name: [list(ctx.shape), str(ctx.dtype)] for name, ctx in contexts.items()},
+        "omegas": [omegas.vid, omegas.img, omegas.txt, omegas.tgt],
+        "settings": [repr(value) for value in settings],
+        "experts": [experts.boundary, experts.low is not None],
+    }
 
 
 def renderer_denoise(
@@ -202,8 +273,10 @@ def renderer_denoise(
     max_trained_src_id: int = 5,
     interpolate_src_id: bool = True,
     on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+    parallel: Optional[ParallelState] = None,
 ) -> torch.Tensor:
-    """Bernini-R sampling (`GEN_Wanx22.sample`): contexts = positive / negative UMT5 features padded to 512."""
+    """Bernini-R sampling (`GEN_Wanx22.sample`): contexts = positive / negative UMT5 features padded to 512.
+    `parallel`: see `denoise`."""
     check_geometry(height, width)
     thresholds = (norm_threshold,) if isinstance(norm_threshold, (int, float)) else tuple(norm_threshold)
     guidance = RendererGuidance(guidance_mode, APGConfig(eta=eta, momentum=momentum, norm_threshold=thresholds))
@@ -215,5 +288,5 @@ def renderer_denoise(
         experts, guidance, combos, contexts, Omegas(vid=omega_vid, img=omega_img, txt=omega_txt),
         num_frames=num_frames, height=height, width=width, num_inference_steps=num_inference_steps,
         flow_shift=flow_shift, omega_scale=omega_scale, seed=seed, runtime=runtime, use_unipc=use_unipc,
-        on_step=on_step,
+        on_step=on_step, parallel=parallel,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
@@ -30,6 +30,47 @@ from .weight_files import check_tokenizer_folder, field_types
 log = logging.getLogger("bernini.loaders")
 
 WAN_HEAD_DIM = 128  # every released Wan / Bernini DiT (docs/official_behaviour.md §7.2); single files carry no config
+
+# The parts a load may be limited to (`parts=`): the DiT experts, UMT5 (with its tokenizer), the VAE, and full
+# Bernini's planner (Qwen2.5-VL + connector + ViT decoder + mask tokens, with its processor). A multi-process run
+# loads everything on each group's leader and only the experts on the other ranks (issue 10 item 5).
+PARTS = ("experts", "text_encoder", "vae", "planner")
+ALL_PARTS = frozenset(PARTS)
+RENDERER_PARTS = frozenset(("experts", "text_encoder", "vae"))  # Bernini-R has no planner
+
+
+def resolve_parts(parts: Union[None, str, Iterable[str]]) -> frozenset:
+    """`parts` of a load as a frozenset of PARTS names: None = every part (the default load); one name or an
+    iterable of names otherwise. An unknown name or an empty selection is a BerniniError."""
+    if parts is None:
+        return ALL_PARTS
+    if isinstance(parts, str):
+        parts = (parts,)
+    try:
+        chosen = frozenset(parts)
+    except TypeError:
+        raise BerniniError(f"parts must be a collection of part names out of {list(PARTS)}, got {parts!r}.") from None
+    unknown = sorted(repr(p) for p in chosen if p not in ALL_PARTS)
+    if unknown:
+        raise BerniniError(f"unknown part(s) {', '.join(unknown)}; parts are named {', '.join(map(repr, PARTS))}.")
+    if not chosen:
+        raise BerniniError(f"parts names nothing to load; give one or more of {list(PARTS)} (None loads every part).")
+    return chosen
+
+
+def renderer_parts(parts) -> frozenset:
+    """The parts of a Bernini-R load: `parts` resolved, "planner" dropped (Bernini-R has none, so one selection
+    serves both families)."""
+    chosen = resolve_parts(parts) & RENDERER_PARTS
+    if not chosen:
+        raise BerniniError("Bernini-R has no planner: parts=['planner'] leaves nothing to load; name 'experts', "
+                           "'text_encoder' and/or 'vae'.")
+    return chosen
+
+
+def parts_label(parts) -> str:
+    """`parts` as messages show it: the names in PARTS order."""
+    return "[" + ", ".join(repr(p) for p in PARTS if p in parts) + "]"
 
 
 @dataclass
@@ -60,11 +101,14 @@ class RendererConfig:
 
 @dataclass
 class RendererComponents:
+    """A Bernini-R load; the components of parts not loaded (`parts`) are None."""
+
     config: RendererConfig
-    dit_high: BerniniDiT
+    dit_high: Optional[BerniniDiT]
     dit_low: Optional[BerniniDiT]
-    text_encoder: UMT5TextEncoder
-    vae: WanVAE
+    text_encoder: Optional[UMT5TextEncoder]
+    vae: Optional[WanVAE]
+    parts: frozenset = RENDERER_PARTS
 
 
 # ---------------------------------------------------------------------------- single models
@@ -198,17 +242,19 @@ def read_renderer_config(path, overrides: Optional[dict] = None) -> RendererConf
     return read_config(path, lambda data: RendererConfig.from_dict(data, overrides), field_types(RendererConfig))
 
 
-def check_renderer_files(folder: Path, experts=()) -> None:
-    """Read every config and weight-file header a renderer load will use (the expert folders named, UMT5, its
-    tokenizer, the VAE) before anything is built, so a broken file is named in seconds, not after the experts
-    have loaded."""
+def check_renderer_files(folder: Path, experts=(), parts=RENDERER_PARTS) -> None:
+    """Read every config and weight-file header a renderer load will use (the expert folders named, UMT5 and its
+    tokenizer, the VAE: those of `parts`) before anything is built, so a broken file is named in seconds, not after
+    the experts have loaded."""
     for name in experts:
         read_dit_config(folder / name / "config.json")
         TensorSource.open(folder / name)
-    check_umt5_folder(folder / "text_encoder")
-    check_tokenizer_folder(folder / "tokenizer", "UMT5")
-    read_vae_config(folder / "vae")
-    TensorSource.open(folder / "vae")
+    if "text_encoder" in parts:
+        check_umt5_folder(folder / "text_encoder")
+        check_tokenizer_folder(folder / "tokenizer", "UMT5")
+    if "vae" in parts:
+        read_vae_config(folder / "vae")
+        TensorSource.open(folder / "vae")
 
 
 # ---------------------------------------------------------------------------- whole renderers
@@ -222,6 +268,7 @@ def load_renderer(
     overrides: Optional[dict[str, Any]] = None,
     ops=None,
     progress=None,
+    parts=None,
 ) -> RendererComponents:
     """UMT5, the experts and the VAE of a Bernini-R release.
 
@@ -230,13 +277,17 @@ def load_renderer(
       (its `wan22_base` names the Wan2.2 -Diffusers base) or the base folder itself.
 
     `progress(stage, step, total)`: stage "load", one step per component (bernini_core/progress.py).
+
+    `parts`: None (everything) or some of "experts", "text_encoder", "vae" ("planner" is ignored: Bernini-R has
+    none); the components of the other parts are None, and neither their weights nor their config files are read.
     """
     path = Path(path)
+    parts = renderer_parts(parts)
     if (high_noise_ckpt is None) != (low_noise_ckpt is None):
         raise BerniniError("--high_noise_ckpt and --low_noise_ckpt must be given together; got only one of them.")
     if high_noise_ckpt is not None:
         return _load_split(path, Path(high_noise_ckpt), Path(low_noise_ckpt), dtype, attention, overrides or {}, ops,
-                           progress)
+                           progress, parts)
     layout = detect_layout(path)
     if layout != Layout.RENDERER_DIFFUSERS:
         raise BerniniError(
@@ -245,15 +296,22 @@ def load_renderer(
         )
     config = read_renderer_config(path / "config.json", overrides)
     with_low = not config.skip_transformer_2 and (path / "transformer_2").is_dir()
-    check_renderer_files(path, ("transformer", "transformer_2") if with_low else ("transformer",))
-    steps = StageSteps(progress, "load", 3 + with_low)  # experts, UMT5, VAE
-    dit_high = _load_expert_dir(path / "transformer", dtype, attention, ops)
-    steps.advance()
-    dit_low = None
-    if with_low:
-        dit_low = _load_expert_dir(path / "transformer_2", dtype, attention, ops)
+    experts = ("transformer", "transformer_2") if with_low else ("transformer",)
+    check_renderer_files(path, experts if "experts" in parts else (), parts)
+    steps = StageSteps(progress, "load", _load_steps(parts, len(experts)))  # experts, UMT5, VAE
+    dit_high = dit_low = None
+    if "experts" in parts:
+        dit_high = _load_expert_dir(path / "transformer", dtype, attention, ops)
         steps.advance()
-    return _with_text_encoder_and_vae(config, dit_high, dit_low, path, dtype, ops, steps)
+        if with_low:
+            dit_low = _load_expert_dir(path / "transformer_2", dtype, attention, ops)
+            steps.advance()
+    return _with_text_encoder_and_vae(config, dit_high, dit_low, path, dtype, ops, steps, parts)
+
+
+def _load_steps(parts, n_experts: int) -> int:
+    """The "load" progress steps of a renderer load of `parts`: one per expert, UMT5, VAE."""
+    return n_experts * ("experts" in parts) + ("text_encoder" in parts) + ("vae" in parts)
 
 
 def check_scheduler_config(folder: Path) -> None:
@@ -276,7 +334,7 @@ def _load_expert_dir(folder: Path, dtype, attention, ops) -> BerniniDiT:
 
 
 def _load_split(path: Path, high: Path, low: Path, dtype, attention, overrides, ops,
-                progress=None) -> RendererComponents:
+                progress=None, parts=RENDERER_PARTS) -> RendererComponents:
     base, config_data = path, {}
     if (path / "config.json").is_file():
         data = read_json(path / "config.json")
@@ -287,7 +345,8 @@ def _load_split(path: Path, high: Path, low: Path, dtype, attention, overrides, 
                 base = Path(wan_base) if Path(wan_base).is_absolute() else (path / wan_base)
                 if not base.is_dir():
                     base = Path(wan_base)
-    missing = [d for d in ("transformer", "text_encoder", "tokenizer", "vae") if not (base / d).exists()]
+    needed = {"transformer": "experts", "text_encoder": "text_encoder", "tokenizer": "text_encoder", "vae": "vae"}
+    missing = [d for d, part in needed.items() if part in parts and not (base / d).exists()]
     if missing:
         raise BerniniError(
             f"the split checkpoints need a Wan2.2 -Diffusers base folder (text_encoder/, tokenizer/, vae/, "
@@ -295,27 +354,35 @@ def _load_split(path: Path, high: Path, low: Path, dtype, attention, overrides, 
         )
     config = read_renderer_config(path / "config.json", overrides) if config_data else RendererConfig.from_dict(
         {}, overrides)
-    dit_config = read_dit_config(base / "transformer" / "config.json")
-    low_config_file = base / "transformer_2" / "config.json"
-    low_config = read_dit_config(low_config_file) if low_config_file.is_file() else dit_config
-    high_source, low_source = split_checkpoint_source(high, "high"), split_checkpoint_source(low, "low")
-    check_renderer_files(base)
-    steps = StageSteps(progress, "load", 4)  # two experts, UMT5, VAE
-    dit_high = build_dit(dit_config, high_source, dtype=dtype, attention=attention, ops=ops, origin=str(high))
-    steps.advance()
-    dit_low = build_dit(low_config, low_source, dtype=dtype, attention=attention, ops=ops, origin=str(low))
-    steps.advance()
-    return _with_text_encoder_and_vae(config, dit_high, dit_low, base, dtype, ops, steps)
+    dit_high = dit_low = None
+    if "experts" in parts:
+        dit_config = read_dit_config(base / "transformer" / "config.json")
+        low_config_file = base / "transformer_2" / "config.json"
+        low_config = read_dit_config(low_config_file) if low_config_file.is_file() else dit_config
+        high_source, low_source = split_checkpoint_source(high, "high"), split_checkpoint_source(low, "low")
+    check_renderer_files(base, (), parts)
+    steps = StageSteps(progress, "load", _load_steps(parts, 2))  # two experts, UMT5, VAE
+    if "experts" in parts:
+        dit_high = build_dit(dit_config, high_source, dtype=dtype, attention=attention, ops=ops, origin=str(high))
+        steps.advance()
+        dit_low = build_dit(low_config, low_source, dtype=dtype, attention=attention, ops=ops, origin=str(low))
+        steps.advance()
+    return _with_text_encoder_and_vae(config, dit_high, dit_low, base, dtype, ops, steps, parts)
 
 
 def _with_text_encoder_and_vae(config, dit_high, dit_low, folder: Path, dtype, ops,
-                               steps: Optional[StageSteps] = None) -> RendererComponents:
-    """Complete the experts with UMT5 (`text_encoder/` + `tokenizer/`) and the VAE (`vae/`) of `folder`;
-    `steps`: the load's progress, advanced once per component."""
+                               steps: Optional[StageSteps] = None, parts=RENDERER_PARTS) -> RendererComponents:
+    """Complete the experts with UMT5 (`text_encoder/` + `tokenizer/`) and the VAE (`vae/`) of `folder`, those of
+    `parts`; `steps`: the load's progress, advanced once per component."""
     steps = steps or StageSteps(None, "load", 2)
-    check_scheduler_config(folder)
-    text_encoder = UMT5TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer", dtype=dtype)
-    steps.advance()
-    vae = load_vae(folder / "vae", ops=ops)
-    steps.advance()
-    return RendererComponents(config=config, dit_high=dit_high, dit_low=dit_low, text_encoder=text_encoder, vae=vae)
+    if "experts" in parts:
+        check_scheduler_config(folder)
+    text_encoder = vae = None
+    if "text_encoder" in parts:
+        text_encoder = UMT5TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer", dtype=dtype)
+        steps.advance()
+    if "vae" in parts:
+        vae = load_vae(folder / "vae", ops=ops)
+        steps.advance()
+    return RendererComponents(config=config, dit_high=dit_high, dit_low=dit_low, text_encoder=text_encoder, vae=vae,
+                              parts=frozenset(parts))

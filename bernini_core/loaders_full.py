@@ -24,7 +24,7 @@ import torch
 
 from .checkpoints import Layout, TensorSource, detect_layout, load_weights_, read_json
 from .errors import BerniniError
-from .loaders import build_dit, load_vae, read_dit_config, read_vae_config
+from .loaders import ALL_PARTS, build_dit, load_vae, read_dit_config, read_vae_config, resolve_parts
 from .progress import StageSteps
 from .renderer.config import DiTConfig
 from .renderer.transformer import BerniniDiT
@@ -286,12 +286,16 @@ def component_paths(config: BerniniConfig, root) -> FullPaths:
     )
 
 
-def _require_paths(paths: FullPaths) -> None:
-    needed = {"bernini/ (combined checkpoint)": paths.checkpoint, "mllm/ (Qwen2.5-VL config)": paths.mllm,
-              "t5_text_encoder/": paths.t5_encoder, "t5_tokenizer/": paths.t5_tokenizer, "vae/": paths.vae,
-              "transformer_config.json": paths.transformer_config,
-              "transformer_2_config.json": paths.transformer_2_config}
-    missing = [f"{label} at '{p}'" for label, p in needed.items() if not p.exists()]
+def _require_paths(paths: FullPaths, parts=ALL_PARTS, needs_checkpoint: bool = True) -> None:
+    """Every path the load of `parts` reads must exist (the UMT5 config is read by the planner's check too)."""
+    needed = {"bernini/ (combined checkpoint)": (paths.checkpoint, needs_checkpoint),
+              "mllm/ (Qwen2.5-VL config)": (paths.mllm, "planner" in parts),
+              "t5_text_encoder/": (paths.t5_encoder, bool(parts & {"text_encoder", "planner"})),
+              "t5_tokenizer/": (paths.t5_tokenizer, "text_encoder" in parts),
+              "vae/": (paths.vae, "vae" in parts),
+              "transformer_config.json": (paths.transformer_config, "experts" in parts),
+              "transformer_2_config.json": (paths.transformer_2_config, "experts" in parts)}
+    missing = [f"{label} at '{p}'" for label, (p, used) in needed.items() if used and not p.exists()]
     if missing:
         raise BerniniError(f"the Bernini-Diffusers folder '{paths.root}' is incomplete: missing "
                            f"{'; '.join(missing)}. Re-download the missing parts.")
@@ -510,6 +514,7 @@ class FullComponents:
     processor: Any  # transformers Qwen2.5-VL processor from mllm/
     tokenizer: Any  # the Qwen tokenizer (processor.tokenizer)
     paths: Optional[FullPaths] = None
+    parts: frozenset = ALL_PARTS  # the parts loaded; the components of the others are None (load_full `parts`)
 
 
 def _dit_config(path: Path, config: BerniniConfig) -> DiTConfig:
@@ -567,11 +572,17 @@ def _t5_from_checkpoint(folder: Path, tokenizer_dir: Path, source: TensorSource,
 
 def load_full(path, *, dtype: torch.dtype = torch.bfloat16, attention: str = "auto",
               overrides: Optional[Dict[str, Any]] = None, ops=None, t5_weights: str = "folder",
-              with_planner: bool = True, with_renderer: bool = True, progress=None) -> FullComponents:
+              with_planner: bool = True, with_renderer: bool = True, progress=None, parts=None) -> FullComponents:
     """Every component of a Bernini-Diffusers(-v2) folder, on the CPU.
 
     ``with_planner`` / ``with_renderer`` load only one half (the ComfyUI loaders load them separately):
     without the planner, ``planner`` is None; without the renderer, the experts, UMT5 and VAE are None.
+
+    ``parts``: None (every part) or some of "experts", "text_encoder", "vae", "planner" (loaders.PARTS), narrowed
+    further by ``with_planner`` / ``with_renderer``; the components of the other parts are None and neither their
+    weights nor their config files are read (the experts' configs and the combined checkpoint's headers always are
+    when the experts load). ``FullComponents.parts`` says what was loaded. The experts are memory-mapped from the
+    combined checkpoint (checkpoints.TensorSource), so processes loading only them share the file's page cache.
 
     ``t5_weights``: "folder" reads UMT5 from t5_text_encoder/ (smaller, bf16 in the release); "checkpoint" reads
     the redundant ``t5_text_encoder.*`` copy of bernini/ (the same weights, docs/official_behaviour.md §2.1).
@@ -588,56 +599,71 @@ def load_full(path, *, dtype: torch.dtype = torch.bfloat16, attention: str = "au
             f"Bernini-Diffusers / Bernini-Diffusers-v2 folder.")
     if t5_weights not in ("folder", "checkpoint"):
         raise BerniniError(f"t5_weights must be 'folder' or 'checkpoint', got {t5_weights!r}.")
+    parts = resolve_parts(parts)
+    if not with_planner:
+        parts = parts - {"planner"}
+    if not with_renderer:
+        parts = parts - {"experts", "text_encoder", "vae"}
     config = BerniniConfig.from_dir(path, overrides)
     paths = component_paths(config, path)
-    _require_paths(paths)
-    high_config = _dit_config(paths.transformer_config, config)
-    low_config = _dit_config(paths.transformer_2_config, config)
-    d_model = read_umt5_config(paths.t5_encoder).get("d_model")
-    if d_model != config.gen_dim:
-        raise BerniniError(f"UMT5 d_model ({d_model}) of '{paths.t5_encoder}' differs from config.json "
-                           f"connector_cfg.out_dim_for_gen ({config.gen_dim}); T5 and planner contexts are "
-                           f"concatenated, so they must match.")
-    if with_renderer:
+    needs_checkpoint = bool(parts & {"experts", "planner"}) or ("text_encoder" in parts and t5_weights == "checkpoint")
+    _require_paths(paths, parts, needs_checkpoint)
+    if "experts" in parts:
+        high_config = _dit_config(paths.transformer_config, config)
+        low_config = _dit_config(paths.transformer_2_config, config)
+    if parts & {"text_encoder", "planner"}:  # the planner's contexts are joined to UMT5's
+        d_model = read_umt5_config(paths.t5_encoder).get("d_model")
+        if d_model != config.gen_dim:
+            raise BerniniError(f"UMT5 d_model ({d_model}) of '{paths.t5_encoder}' differs from config.json "
+                               f"connector_cfg.out_dim_for_gen ({config.gen_dim}); T5 and planner contexts are "
+                               f"concatenated, so they must match.")
+    if "experts" in parts:
         from .loaders import check_scheduler_config
 
         check_scheduler_config(paths.scheduler.parent if paths.scheduler.name == "scheduler" else path)
-    sources = split_combined_checkpoint(paths.checkpoint)  # checks every shard's header
+    # checks every shard's header
+    sources = split_combined_checkpoint(paths.checkpoint) if needs_checkpoint else {}
     origin = str(paths.checkpoint)
     # Every other config and weight-file header the load will use, before anything is built.
-    if with_planner:
+    if "planner" in parts:
         check_mllm_config(paths.mllm, sources["planner_mllm"])
         check_tokenizer_folder(paths.processor, "Qwen2.5-VL")
-    if with_renderer:
+    if "text_encoder" in parts:
         if t5_weights == "folder":
             check_umt5_folder(paths.t5_encoder)
         check_tokenizer_folder(paths.t5_tokenizer, "UMT5")
+    if "vae" in parts:
         read_vae_config(paths.vae)
         TensorSource.open(paths.vae)
     log.info("loading full Bernini %s from %s (%s)", config.version, path, config.version_source)
 
-    steps = StageSteps(progress, "load", with_planner + 4 * with_renderer)  # planner; experts, UMT5, VAE
+    # planner; two experts, UMT5, VAE
+    steps = StageSteps(progress, "load", ("planner" in parts) + 2 * ("experts" in parts) + ("text_encoder" in parts)
+                       + ("vae" in parts))
     planner = processor = None
-    if with_planner:
+    if "planner" in parts:
         planner = build_planner(config, paths.mllm, sources, dtype=dtype, ops=ops, origin=origin)
         processor = load_processor(paths.processor)
         steps.advance()
     dit_high = dit_low = text_encoder = vae = None
-    if with_renderer:
+    if "experts" in parts:
         dit_high = build_dit(high_config, sources["dit_high"], dtype=dtype, keep_fp32_islands=False, ops=ops,
                              attention=attention, origin=f"{origin} (diff_dec.transformer.*)")
         steps.advance()
         dit_low = build_dit(low_config, sources["dit_low"], dtype=dtype, keep_fp32_islands=False, ops=ops,
                             attention=attention, origin=f"{origin} (diff_dec_low.transformer_2.*)")
         steps.advance()
+    if "text_encoder" in parts:
         if t5_weights == "checkpoint":
             text_encoder = _t5_from_checkpoint(paths.t5_encoder, paths.t5_tokenizer, sources["t5"], dtype, origin)
         else:
             text_encoder = UMT5TextEncoder.from_pretrained(paths.t5_encoder, paths.t5_tokenizer, dtype=dtype)
         text_encoder.max_length = config.t5_max_sequence_length
         steps.advance()
+    if "vae" in parts:
         vae = load_vae(paths.vae, ops=ops)
         steps.advance()
     return FullComponents(config=config, planner=planner, dit_high=dit_high, dit_low=dit_low,
                           text_encoder=text_encoder, vae=vae, processor=processor,
-                          tokenizer=getattr(processor, "tokenizer", processor) if processor else None, paths=paths)
+                          tokenizer=getattr(processor, "tokenizer", processor) if processor else None, paths=paths,
+                          parts=frozenset(parts))

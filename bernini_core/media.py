@@ -536,6 +536,38 @@ def save_output(frames, path, *, fps: float, make_parents: bool = False, overwri
     return written
 
 
+def save_latents(latents, path, settings: dict, *, overwrite: bool = False) -> Path:
+    """The raw final latents [1,16,T,H/8,W/8] as safetensors (tensor "latents"), the settings the run used as JSON
+    metadata ("bernini_settings"): for checking a run against another, or decoding later. Same rules as
+    ``save_output``: written beside and renamed into place, an existing file kept unless ``overwrite``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    final = Path(path)
+    if final.suffix != ".safetensors":
+        raise BerniniError(f"latents file {str(final)!r} must end in .safetensors.")
+    check_output_path(final)
+    parent = final.parent if str(final.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".bernini-", suffix=".part", dir=parent)
+    os.close(fd)
+    try:
+        save_file({"latents": latents.detach().float().cpu().contiguous()}, tmp,
+                  metadata={"format": "bernini-latents", "bernini_settings": json.dumps(settings, default=str)})
+        os.chmod(tmp, 0o666 & ~_umask())
+        written = _place(tmp, final, overwrite)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if written != final:
+        log.warning("%s already exists; wrote %s instead (overwrite=True / --overwrite replaces it).", final, written)
+    return written
+
+
 MAX_NUMBERED = 99999
 
 

@@ -22,6 +22,7 @@ from . import media
 from .denoise import Experts, force_4n_plus_1, renderer_denoise
 from .errors import BerniniError
 from .memory_estimate import check_fits
+from .parallel.state import ParallelState
 from .progress import Progress, StageSteps
 from .runtime import Runtime, resolve_dtype
 from .sampling.guidance import RendererGuidance
@@ -77,6 +78,14 @@ def vae_tiling(settings: dict[str, Any]):
     return TilingConfig(tile_px=tile, overlap_px=int(settings.get("vae_tile_overlap_px") or 64))
 
 
+def loaded_parts(components) -> frozenset:
+    """The parts (loaders.PARTS) whose components a load produced: those not None."""
+    present = {"experts": getattr(components, "dit_high", None), "vae": getattr(components, "vae", None),
+               "text_encoder": getattr(components, "text_encoder", None),
+               "planner": getattr(components, "planner", None)}
+    return frozenset(part for part, component in present.items() if component is not None)
+
+
 def serialised(method):
     """Run a pipeline method under the pipeline's RLock (made in __init__): a pipeline's models, handles and the
     state of one call serve one call at a time, so threads sharing a pipeline queue instead of interleaving."""
@@ -86,6 +95,18 @@ def serialised(method):
             return method(self, *args, **kwargs)
 
     return locked
+
+
+def as_parallel_state(parallel) -> ParallelState:
+    """A ParallelState from a ParallelState or a ParallelConfig (groups built now, inside the initialised
+    process group)."""
+    from .parallel import ParallelConfig
+
+    if isinstance(parallel, ParallelConfig):
+        return ParallelState.build(parallel)
+    if not isinstance(parallel, ParallelState):
+        raise BerniniError(f"parallel must be a ParallelConfig or a ParallelState, got {type(parallel).__name__}.")
+    return parallel
 
 
 class BerniniPipeline:
@@ -119,6 +140,69 @@ class BerniniPipeline:
             return FullPipeline
         return RendererPipeline
 
+    # ------------------------------------------------------------------ multi-process runs
+    parallel = ParallelState.single()  # replaced per instance by use_parallel
+
+    def use_parallel(self, state: ParallelState, *, fsdp: bool = False) -> None:
+        """Sample on a multi-process layout (bernini_core/parallel, docs/architecture.md §5.1): this instance's experts
+        split their tokens over the Ulysses group, the guidance arms are spread over the cfg groups, and the
+        stages before sampling run on the group's leader, which shares their results. Every rank of the layout
+        must make the same calls. `state`: a ParallelState (ParallelState.build(config)), or a ParallelConfig,
+        whose groups are then built here (collective: every rank must load at the same time). `fsdp`: also shard
+        each expert's weights over the Ulysses group (FSDP2, bernini_core/parallel/fsdp.py): 1/U of the weights per
+        GPU, gathered block by block during a forward."""
+        state = as_parallel_state(state)
+        if fsdp:
+            from .parallel.fsdp import check_fsdp
+
+            check_fsdp(state.config)
+        state.config.check(heads=None if self.experts is None else self.experts.high.module.config.num_attention_heads)
+        handler = state.sequence_parallel()
+        if self.experts is not None:
+            for handle in (self.experts.high, self.experts.low):
+                if handle is not None:
+                    handle.module.use_sequence_parallel(handler)
+                    if fsdp:  # before any load moves the whole expert to the GPU
+                        from .parallel.fsdp import describe_sharding, parameter_bytes, shard_expert
+
+                        before = parameter_bytes(handle.module)
+                        shard_expert(handle.module, state, handle.load_device)
+                        log.info("%s: %s", handle.name, describe_sharding(handle.module, before))
+        self.parallel = state
+
+    @property
+    def is_leader(self) -> bool:
+        """True unless this is a rank of a multi-process run that another rank leads (it then only samples)."""
+        return self.parallel.is_replica_leader
+
+    def parts_for_rank(self) -> tuple[str, ...]:
+        """The parts a whole render needs on this rank: all of them on a leader, the experts elsewhere."""
+        return ("experts",) if not self.is_leader else tuple(p for p in ("text_encoder", "vae", "planner", "experts")
+                                                             if p in self.required_parts)
+
+    def prepared_inputs(self, prepare, pack, unpack):
+        """The sampling inputs: made by `prepare()` here, or, in a multi-process run, by the group leader and
+        received from it (bernini_core/parallel/handoff.py)."""
+        if not self.parallel.is_parallel:
+            return prepare()
+        from .parallel.handoff import share_from_leader
+
+        return share_from_leader(self.parallel, prepare, pack, unpack)
+
+    def require_parts(self, stage: str, *parts: str, hint: Optional[str] = None) -> None:
+        """A clear BerniniError when `stage` needs parts this pipeline was loaded without (`parts=` of
+        from_pretrained: a multi-process run loads only the experts on the ranks that are not a group's leader)."""
+        from .loaders import parts_label
+
+        missing = [part for part in parts if part not in self.parts]
+        if missing:
+            names = [repr(part) for part in missing]
+            needed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+            raise BerniniError(
+                f"{stage} needs the {needed} part{'s' if len(missing) > 1 else ''}, but this pipeline was loaded with "
+                f"parts={parts_label(self.parts)}. Load the pipeline with {needed} among its parts (in a "
+                f"multi-process run this stage belongs to the group's leader){'; ' + hint if hint else ''}.")
+
     def check_call(self, task: str, prompt, settings: dict[str, Any], *, video=None, image=None, images=None,
                    output_path=None, force: bool = False) -> None:
         """What ``__call__`` can check with no model work, before its first stage: the texts, the sources the task
@@ -146,6 +230,7 @@ class BerniniPipeline:
     def check_render_memory(self, num_frames: int, height: int, width: int, source_tokens: int,
                             force: bool = False) -> None:
         """Before the first step: the sampling and decoding working memory of this geometry must fit."""
+        self.require_parts("sampling", "experts")
         dit = self.experts.high.module
         check_fits(num_frames, height, width, self.experts.high.load_device, dit=dit,
                    source_tokens=source_tokens, force=force)
@@ -153,6 +238,7 @@ class BerniniPipeline:
     @serialised
     def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
         """Normalised latents (what ``sample`` returns) → float32 frames [F,H,W,3] in 0..1 on the CPU."""
+        self.require_parts("decoding (decode)", "vae")
         return self.decode_raw(self.components.vae.denormalize(latents), tiling=tiling)
 
     @serialised
@@ -161,6 +247,7 @@ class BerniniPipeline:
         [B·F,H,W,3] in 0..1 on the CPU, one video after the other. The one decoding path of the pipelines and
         the Decode node, so both give the same frames for the same latents. ``progress``: stage "decode", one
         step per decoder call (bernini_core/progress.py)."""
+        self.require_parts("decoding (decode_raw)", "vae")
         vae = self.components.vae
         memory = vae.working_memory(raw.shape[-2] * 8, raw.shape[-1] * 8, tiling)
         steps = StageSteps(progress, "decode", raw.shape[0] * vae.decode_chunks(raw, tiling))
@@ -177,18 +264,23 @@ class RendererPipeline(BerniniPipeline):
     """Bernini-R: UMT5 + one or two Wan DiT experts + Wan 2.1 VAE (docs/official_behaviour.md §4, §5.3)."""
 
     family = "bernini_renderer"
+    required_parts = ("text_encoder", "vae", "experts")
 
     def __init__(self, components, runtime: Runtime):
         self.components = components
         self.config = components.config
         self.runtime = runtime
         self._lock = threading.RLock()  # see serialised
-        self.text_encoder_handle = runtime.handle("umt5", components.text_encoder.module)
-        self.vae_handle = runtime.handle("vae", components.vae)
-        high = runtime.handle("dit_high", components.dit_high)
-        low = runtime.handle("dit_low", components.dit_low) if components.dit_low is not None else None
-        boundary = self.config.switch_dit_boundary if low is not None else 0.0
-        self.experts = Experts(high=high, low=low, boundary=boundary)
+        self.parts = loaded_parts(components)  # parts not loaded: their components and handles are None
+        self.text_encoder_handle = (runtime.handle("umt5", components.text_encoder.module)
+                                    if components.text_encoder is not None else None)
+        self.vae_handle = runtime.handle("vae", components.vae) if components.vae is not None else None
+        self.experts = None
+        if components.dit_high is not None:
+            high = runtime.handle("dit_high", components.dit_high)
+            low = runtime.handle("dit_low", components.dit_low) if components.dit_low is not None else None
+            boundary = self.config.switch_dit_boundary if low is not None else 0.0
+            self.experts = Experts(high=high, low=low, boundary=boundary)
 
     @classmethod
     def from_pretrained(
@@ -202,10 +294,22 @@ class RendererPipeline(BerniniPipeline):
         attention: str = "auto",
         offload: bool = True,
         progress: Optional[Progress] = None,
+        parts=None,
+        parallel: Optional[ParallelState] = None,
+        fsdp: bool = False,
         **config_overrides,
     ) -> "RendererPipeline":
-        """``progress(stage, step, total)``: stage "load", one step per component (bernini_core/progress.py)."""
+        """``progress(stage, step, total)``: stage "load", one step per component (bernini_core/progress.py).
+
+        ``parts``: None (every part) or some of "experts", "text_encoder", "vae" (loaders.load_renderer); a stage
+        that needs a part not loaded raises a BerniniError saying so. ``sample`` needs only the experts.
+        ``parallel``: this rank's ``ParallelState`` in a multi-process run (``use_parallel``); ranks that do not lead
+        their group then load only the experts."""
         from .loaders import load_renderer
+
+        parallel = None if parallel is None else as_parallel_state(parallel)
+        if parallel is not None and parts is None and not parallel.is_replica_leader:
+            parts = ("experts",)
 
         runtime = Runtime(device, offload=offload)
         components = load_renderer(
@@ -216,8 +320,14 @@ class RendererPipeline(BerniniPipeline):
             attention=attention,
             overrides={k: v for k, v in config_overrides.items() if v is not None},
             progress=progress,
+            parts=parts,
         )
-        return cls(components, runtime)
+        pipe = cls(components, runtime)
+        if parallel is not None:
+            pipe.use_parallel(parallel, fsdp=fsdp)
+        elif fsdp:
+            raise BerniniError("fsdp=True shards the experts over a multi-process run: pass parallel= too.")
+        return pipe
 
     # ------------------------------------------------------------------ stages
     def default_settings(self, task: str) -> dict[str, Any]:
@@ -229,6 +339,7 @@ class RendererPipeline(BerniniPipeline):
     ) -> PromptEmbeds:
         """UMT5 features of system_prompt + cleaned prompt and of the negative prompt
         (docs/official_behaviour.md §4.4)."""
+        self.require_parts("prompt encoding (encode_prompt)", "text_encoder")
         get_task(task)
         check_text(prompt, "prompt", required=True)
         check_text(neg_prompt, "neg_prompt", required=False)
@@ -264,6 +375,7 @@ class RendererPipeline(BerniniPipeline):
     ) -> Sources:
         """Resize, resample and VAE-encode the sources by the official rules (docs/official_behaviour.md §4.8).
         ``on_source()`` is called after each source is encoded (progress)."""
+        self.require_parts("source encoding (prepare_sources)", "vae")
         spec = get_task(task)
         videos = [] if video is None else (list(video) if isinstance(video, (list, tuple)) else [video])
         refs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
@@ -301,6 +413,7 @@ class RendererPipeline(BerniniPipeline):
                force: bool = False) -> torch.Tensor:
         """Guided denoising; returns the normalised latent [1,16,T,H/8,W/8] (float32, CPU). ``force``: run a
         geometry whose working memory exceeds the machine's."""
+        self.require_parts("sampling (sample)", "experts")
         if embeds.model_family != self.family:
             raise BerniniError(
                 f"the prompt embeddings were made for {embeds.model_family!r} but this is a {self.family!r} "
@@ -336,6 +449,7 @@ class RendererPipeline(BerniniPipeline):
             max_trained_src_id=cfg.max_trained_src_id,
             interpolate_src_id=cfg.interpolate_src_id,
             on_step=on_step,
+            parallel=self.parallel,
         )
 
     def output_geometry(self, sources: Sources, settings: dict[str, Any]) -> tuple[int, int, int]:
@@ -390,29 +504,39 @@ class RendererPipeline(BerniniPipeline):
         step done up to ``total``. Stages in order: "encode" (the prompt, then each source), "plan" (full Bernini
         only: MaskGIT steps), "sample" (denoising steps), "decode" (VAE decoder calls). bernini_core/progress.py
         has the contract and a tqdm-backed callback (TqdmProgress)."""
+        self.require_parts("a whole render (__call__)", *self.parts_for_rank())
         settings = self.resolve(task, kwargs, force=force)
         RendererGuidance(settings["guidance_mode"])  # a full-Bernini mode is named as such, before anything else
         self.check_call(task, prompt, settings, video=video, image=image, images=images,
                         output_path=output_path, force=force)
         tiling = vae_tiling(settings)
-        encoding = StageSteps(progress, "encode", 1 + source_count(video, image, images))
-        embeds = self.encode_prompt(task, prompt, settings.get("neg_prompt"), settings.get("system_prompt"))
-        encoding.advance()
-        sources = self.prepare_sources(
-            task,
-            video=video,
-            image=image,
-            images=images,
-            fps=settings["fps"],
-            num_frames=settings["num_frames"],
-            max_image_size=settings["max_image_size"],
-            video_fps=settings.get("video_fps"),
-            tiling=tiling,
-            on_source=encoding.advance,
-        )
+
+        def prepare():
+            encoding = StageSteps(progress, "encode", 1 + source_count(video, image, images))
+            embeds = self.encode_prompt(task, prompt, settings.get("neg_prompt"), settings.get("system_prompt"))
+            encoding.advance()
+            sources = self.prepare_sources(
+                task,
+                video=video,
+                image=image,
+                images=images,
+                fps=settings["fps"],
+                num_frames=settings["num_frames"],
+                max_image_size=settings["max_image_size"],
+                video_fps=settings.get("video_fps"),
+                tiling=tiling,
+                on_source=encoding.advance,
+            )
+            return embeds, sources
+
+        from .parallel.handoff import pack_renderer, unpack_renderer
+
+        embeds, sources = self.prepared_inputs(prepare, pack_renderer, unpack_renderer)
         sampling = StageSteps(progress, "sample", settings["num_inference_steps"])
-        raw = self.components.vae.denormalize(self.sample(embeds, sources, settings, on_step=sampling.advance,
-                                                          force=force))
+        latents = self.sample(embeds, sources, settings, on_step=sampling.advance, force=force)
+        if not self.is_leader:  # the group's leader decodes and writes the result
+            return BerniniOutput(frames=None, latents=None, settings=settings, prompt_text=embeds.positive_text)
+        raw = self.components.vae.denormalize(latents)
         frames = self.decode_raw(raw, tiling=tiling, progress=progress)
         out = BerniniOutput(
             frames=frames,

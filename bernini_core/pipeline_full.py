@@ -21,9 +21,11 @@ import torch
 from . import media
 from .denoise import Experts, check_geometry, check_scheduler, denoise, force_4n_plus_1
 from .errors import BerniniError
-from .pipeline import BerniniPipeline, CALL_KEYWORDS, serialised, source_count, vae_tiling, video_rate
+from .pipeline import (CALL_KEYWORDS, BerniniPipeline, as_parallel_state, loaded_parts, serialised, source_count,
+                       vae_tiling, video_rate)
 from .planner import vision
 from .planner.maskgit import PlannerContexts, plan
+from .parallel.state import ParallelState
 from .planner.rng import MAX_PLANNER_SEED, PlannerRng
 from .planner.template import PlannerTemplate, VisualItem
 from .progress import Progress, StageSteps
@@ -99,6 +101,7 @@ class FullPipeline(BerniniPipeline):
     """Bernini-Diffusers / Bernini-Diffusers-v2: planner + UMT5 + two experts + Wan 2.1 VAE."""
 
     family = "bernini"
+    required_parts = ("text_encoder", "vae", "planner", "experts")
 
     def __init__(self, components, runtime: Runtime, dtype: torch.dtype, planner: Optional[PlannerBundle] = None):
         self.components = components
@@ -109,20 +112,34 @@ class FullPipeline(BerniniPipeline):
         if planner is None and components.planner is not None:
             planner = PlannerBundle.from_components(components)
         self.planner = planner
-        self.text_encoder_handle = runtime.handle("umt5", components.text_encoder.module)
-        self.vae_handle = runtime.handle("vae", components.vae)
-        self.experts = Experts(
-            high=runtime.handle("dit_high", components.dit_high),
-            low=runtime.handle("dit_low", components.dit_low),
-            boundary=self.config.switch_dit_boundary,
-        )
+        # parts not loaded (load_full `parts`): their components and handles are None
+        self.parts = loaded_parts(components) | ({"planner"} if planner is not None else set())
+        self.text_encoder_handle = (runtime.handle("umt5", components.text_encoder.module)
+                                    if components.text_encoder is not None else None)
+        self.vae_handle = runtime.handle("vae", components.vae) if components.vae is not None else None
+        self.experts = None
+        if components.dit_high is not None:
+            self.experts = Experts(
+                high=runtime.handle("dit_high", components.dit_high),
+                low=runtime.handle("dit_low", components.dit_low),
+                boundary=self.config.switch_dit_boundary,
+            )
 
     @classmethod
     def from_pretrained(cls, path, *, device="auto", dtype="bf16", attention: str = "auto", offload: bool = True,
                         high_noise_ckpt=None, low_noise_ckpt=None, progress: Optional[Progress] = None,
+                        parts=None, parallel: Optional[ParallelState] = None, fsdp: bool = False,
                         **config_overrides) -> "FullPipeline":
-        """``progress(stage, step, total)``: stage "load", one step per component (bernini_core/progress.py)."""
+        """``progress(stage, step, total)``: stage "load", one step per component (bernini_core/progress.py).
+
+        ``parts``: None (every part) or some of "experts", "text_encoder", "vae", "planner" (loaders_full.load_full);
+        a stage that needs a part not loaded raises a BerniniError saying so. ``sample`` needs only the experts.
+        ``parallel``: as in ``RendererPipeline.from_pretrained`` (the planner, too, runs on the group leader only)."""
         from .loaders_full import CLI_OVERRIDES, load_full
+
+        parallel = None if parallel is None else as_parallel_state(parallel)
+        if parallel is not None and parts is None and not parallel.is_replica_leader:
+            parts = ("experts",)
 
         if high_noise_ckpt or low_noise_ckpt:
             raise BerniniError("full Bernini loads from its self-contained Bernini-Diffusers folder; drop "
@@ -130,8 +147,14 @@ class FullPipeline(BerniniPipeline):
         overrides = dict(CLI_OVERRIDES)  # what the official CLI passes to BerniniPipeline.from_pretrained
         overrides.update({k: v for k, v in config_overrides.items() if v is not None})
         dtype = resolve_dtype(dtype)
-        components = load_full(path, dtype=dtype, attention=attention, overrides=overrides, progress=progress)
-        return cls(components, Runtime(device, offload=offload), dtype)
+        components = load_full(path, dtype=dtype, attention=attention, overrides=overrides, progress=progress,
+                               parts=parts)
+        pipe = cls(components, Runtime(device, offload=offload), dtype)
+        if parallel is not None:
+            pipe.use_parallel(parallel, fsdp=fsdp)
+        elif fsdp:
+            raise BerniniError("fsdp=True shards the experts over a multi-process run: pass parallel= too.")
+        return pipe
 
     @property
     def version(self) -> str:
@@ -158,6 +181,7 @@ class FullPipeline(BerniniPipeline):
                       system_prompt: Optional[str] = None) -> PromptEmbeds:
         """UMT5 features of the full-Bernini texts (cleaned twice, the negative cleaned too;
         docs/official_behaviour.md §3.7)."""
+        self.require_parts("prompt encoding (encode_prompt)", "text_encoder")
         get_task(task)
         check_text(prompt, "prompt", required=True)
         check_text(neg_prompt, "neg_prompt", required=False)
@@ -177,6 +201,7 @@ class FullPipeline(BerniniPipeline):
                         video_fps=None, tiling=None, on_source=None) -> PlannerSources:
         """VAE latents and ViT features of every source, and the target placeholder
         (docs/official_behaviour.md §3.2, §4.8, §7.4). ``on_source()`` is called after each source (progress)."""
+        self.require_parts("source encoding (prepare_sources)", "vae")
         spec = get_task(task)
         videos = [] if video is None else (list(video) if isinstance(video, (list, tuple)) else [video])
         refs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
@@ -253,7 +278,8 @@ class FullPipeline(BerniniPipeline):
 
         planner = planner or self.planner
         if planner is None:
-            raise BerniniError("full Bernini needs its planner: load it (Load Bernini Planner) and connect it.")
+            self.require_parts("planning (plan_semantics)", "planner",
+                               hint="or pass planner= (in ComfyUI: load it with Load Bernini Planner and connect it)")
         if planner.version != self.version:
             raise BerniniError(f"the planner is Bernini {planner.version} but the renderer is Bernini {self.version}; "
                                "use the planner and renderer of the same release.")
@@ -303,6 +329,7 @@ class FullPipeline(BerniniPipeline):
                force: bool = False) -> torch.Tensor:
         """The renderer under a full-Bernini guidance mode; returns the normalised latent (float32, CPU).
         ``force``: run a geometry whose working memory exceeds the machine's."""
+        self.require_parts("sampling (sample)", "experts")
         if plan_.model_family != self.family or plan_.version != self.version:
             raise BerniniError(f"the plan was made by Bernini {plan_.version}; this renderer is Bernini {self.version}. "
                                "Plan with the planner of the same release.")
@@ -333,7 +360,7 @@ class FullPipeline(BerniniPipeline):
             self.experts, guidance, combos, plan_.contexts, omegas, num_frames=num_frames, height=height,
             width=width, num_inference_steps=settings["num_inference_steps"], flow_shift=settings["flow_shift"],
             omega_scale=settings["omega_scale"], seed=settings["seed"], runtime=self.runtime,
-            use_unipc=self.config.use_unipc, on_step=on_step)
+            use_unipc=self.config.use_unipc, on_step=on_step, parallel=self.parallel)
 
     def output_geometry(self, sources: PlannerSources, settings: dict[str, Any]) -> tuple[int, int, int]:
         """Frames = min(num_frames, 1 + 4(T−1)) of the target placeholder; size = height/width if > 0, else the
@@ -356,30 +383,43 @@ class FullPipeline(BerniniPipeline):
                  force: bool = False, **kwargs) -> BerniniOutput:
         """As ``RendererPipeline.__call__``: planner, renderer, decode; ``output_path`` / ``overwrite`` /
         ``progress`` alike (stages "encode", "plan", "sample", "decode")."""
+        self.require_parts("a whole render (__call__)", *self.parts_for_rank())
         settings = self.resolve(task, kwargs, force=force)
         FullGuidance(settings["guidance_mode"])  # reject a Bernini-R mode early (docs/official_behaviour.md §7.4)
         self.check_call(task, prompt, settings, video=video, image=image, images=images,
                         output_path=output_path, force=force)
         tiling = vae_tiling(settings)
         check_geometry(int(settings["height"] or 0), int(settings["width"] or 0))  # 0 = the source's size
-        encoding = StageSteps(progress, "encode", source_count(video, image, images) + 1)  # sources, then the prompt
-        sources = self.prepare_sources(
-            task, video=video, image=image, images=images, fps=settings["fps"], num_frames=settings["num_frames"],
-            height=settings["height"], width=settings["width"], max_image_size=settings["max_image_size"],
-            video_fps=settings.get("video_fps"), tiling=tiling, on_source=encoding.advance)
-        embeds = self.encode_prompt(task, prompt, settings["neg_prompt"], settings.get("system_prompt"))
-        encoding.advance()
-        planning = StageSteps(progress, "plan", settings["planning_step"])
-        plan_ = self.plan_semantics(
-            sources, embeds, prompt=prompt, neg_prompt=settings["neg_prompt"], seed=settings["seed"],
-            planning_step=settings["planning_step"], vit_denoising_step=settings["vit_denoising_step"],
-            vit_txt_cfg=settings["vit_txt_cfg"], vit_img_cfg=settings["vit_img_cfg"], on_step=planning.advance)
+
+        texts = {}  # what UMT5 saw, for BerniniOutput.prompt_text
+
+        def prepare():
+            encoding = StageSteps(progress, "encode", source_count(video, image, images) + 1)  # sources, then prompt
+            sources = self.prepare_sources(
+                task, video=video, image=image, images=images, fps=settings["fps"], num_frames=settings["num_frames"],
+                height=settings["height"], width=settings["width"], max_image_size=settings["max_image_size"],
+                video_fps=settings.get("video_fps"), tiling=tiling, on_source=encoding.advance)
+            embeds = self.encode_prompt(task, prompt, settings["neg_prompt"], settings.get("system_prompt"))
+            encoding.advance()
+            planning = StageSteps(progress, "plan", settings["planning_step"])
+            plan_ = self.plan_semantics(
+                sources, embeds, prompt=prompt, neg_prompt=settings["neg_prompt"], seed=settings["seed"],
+                planning_step=settings["planning_step"], vit_denoising_step=settings["vit_denoising_step"],
+                vit_txt_cfg=settings["vit_txt_cfg"], vit_img_cfg=settings["vit_img_cfg"], on_step=planning.advance)
+            texts["positive"] = embeds.positive_text
+            return plan_, sources
+
+        from .parallel.handoff import pack_full, unpack_full
+
+        plan_, sources = self.prepared_inputs(prepare, pack_full, unpack_full)
         sampling = StageSteps(progress, "sample", settings["num_inference_steps"])
-        raw = self.components.vae.denormalize(self.sample(plan_, sources, settings, on_step=sampling.advance,
-                                                          force=force))
+        latents = self.sample(plan_, sources, settings, on_step=sampling.advance, force=force)
+        if not self.is_leader:  # the group's leader decodes and writes the result
+            return BerniniOutput(frames=None, latents=None, settings=settings)
+        raw = self.components.vae.denormalize(latents)
         frames = self.decode_raw(raw, tiling=tiling, progress=progress)
         out = BerniniOutput(frames=frames, latents=raw, settings=settings,
-                            prompt_text=embeds.positive_text)
+                            prompt_text=texts.get("positive", ""))
         if output_path is not None:
             out.output_path = str(media.save_output(frames, output_path, fps=settings["fps"], make_parents=True,
                                                     overwrite=overwrite))

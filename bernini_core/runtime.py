@@ -62,7 +62,13 @@ def resolve_device(device) -> torch.device:
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    """Bytes of the module's tensors held by this process (a weight sharded with --fsdp, a DTensor, counts only
+    this rank's shard)."""
+    total = 0
+    for t in module.state_dict().values():
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
 
 
 @dataclass

@@ -30,9 +30,9 @@ V2_DIRNAME = "Bernini-Diffusers-v2"
 COMBINED_SHARDS = 3  # enough that modules straddle shard boundaries, as in the 38-shard release
 
 # The full-Bernini DiT: the source-id RoPE is built with head dim 128 whatever the config says
-# (docs/official_behaviour.md §7.2), so the tiny DiT is 1 head x 128; text_dim = UMT5 d_model = connector
-# out_dim_for_gen (the context width).
-TINY_FULL_DIT = dict(TINY_DIT, num_attention_heads=1, attention_head_dim=128, text_dim=TINY_UMT5["d_model"])
+# (docs/official_behaviour.md §7.2), so the tiny DiT has heads of 128; two of them, so a Ulysses degree of 2 can
+# split them (multi-process tests); text_dim = UMT5 d_model = connector out_dim_for_gen (the context width).
+TINY_FULL_DIT = dict(TINY_DIT, num_attention_heads=2, attention_head_dim=128, text_dim=TINY_UMT5["d_model"])
 
 TINY_NUM_MASK_TOKEN = 1024  # [1, 1024, hidden]; bounds the target-token count (check_target_tokens)
 TINY_VIT_DECODER_WIDTH = 32

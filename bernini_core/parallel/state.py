@@ -76,9 +76,11 @@ class ParallelState:
         return cls()
 
     @classmethod
-    def build(cls, config: ParallelConfig) -> "ParallelState":
+    def build(cls, config: ParallelConfig, timeout=None) -> "ParallelState":
         """The state of this process in an initialised default process group. Collective: every rank must call it
-        (once per config, in the same order), because creating process groups is collective."""
+        (once per config, in the same order), because creating process groups is collective. `timeout` (a
+        timedelta): how long a collective of these groups waits for a slow or dead rank; torch's default for new
+        groups is 30 minutes, whatever the default group was given."""
         import torch.distributed as dist
 
         if not isinstance(config, ParallelConfig):
@@ -95,7 +97,7 @@ class ParallelState:
                 "replica": layout.replica_ranks}
         groups = {}
         for kind, ranks in all_groups(config):
-            group = dist.new_group(list(ranks))  # collective over the whole world, members or not
+            group = dist.new_group(list(ranks), timeout=timeout)  # collective over the whole world, members or not
             if ranks == mine[kind]:
                 groups[kind] = group
         return cls(config=config, layout=layout, ulysses_group=groups["ulysses"], cfg_group=groups["cfg"],
