@@ -396,7 +396,7 @@ def test_attention_function_and_backend_errors():
 
 @torch.no_grad()
 def test_sequence_parallel_handler_belongs_to_the_instance_and_takes_self_attention_only(models):
-    """The multi-process equality is tests/test_parallel_ulysses.py; here a group of one (no communication)."""
+    """The multi-process equality is tests/integration/test_parallel_ulysses.py; here a group of one (no communication)."""
     from bernini_core.parallel import UlyssesAttention
 
     _, ours = models
