@@ -490,5 +490,10 @@ def detect_layout(path) -> Layout:
             return Layout.SPLIT_RENDERER
     if any(e.lower().endswith(PICKLE_SUFFIXES) for e in entries) and not any(e.endswith(".safetensors") for e in entries):
         _refuse_pickle(path / next(e for e in entries if e.lower().endswith(PICKLE_SUFFIXES)))
+    if {"transformer", "vae"} <= set(entries) and not (path / "config.json").exists():
+        raise BerniniError(f"'{path}' holds the component folders of a Bernini-R / Wan Diffusers checkpoint but no "
+                           "config.json (it tells the pipeline which model this is; an interrupted download?): fetch "
+                           "it again, e.g. `hf download ByteDance/Bernini-R-Diffusers config.json --local-dir "
+                           f"{path}`.")
     raise BerniniError(f"'{path}' is not a Bernini or Wan model folder: found {_listing(entries, 8)}. "
                        f"Accepted: {_ACCEPTED}.")

@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Sequence
 
 from .errors import BerniniError
 from .progress import TqdmProgress  # light: tqdm itself is imported with the first bar
-from .tasks import TASK_NAMES, get_task
+from .tasks import IGNORED_SETTINGS, TASK_NAMES, get_task
 
 log = logging.getLogger("bernini.cli")
 
@@ -104,21 +104,7 @@ GENERATION_FLAGS = (
                                  "(default: 64)"),
 )
 # Flags the chosen model does not read: one warning each when given (family -> flag -> why).
-IGNORED_FLAGS = {
-    "renderer": {
-        "planning_step": "Bernini-R has no planner (a full-Bernini setting)",
-        "vit_denoising_step": "Bernini-R has no planner (a full-Bernini setting)",
-        "vit_txt_cfg": "Bernini-R has no planner (a full-Bernini setting)",
-        "vit_img_cfg": "Bernini-R has no planner (a full-Bernini setting)",
-        "omega_tgt": "Bernini-R guidance has no planned-target term (a full-Bernini setting)",
-    },
-    "full": {
-        "eta": "full Bernini's APG uses the official fixed settings (eta 1.0, momentum 0, norm threshold 50)",
-        "momentum": "full Bernini's APG uses the official fixed settings (eta 1.0, momentum 0, norm threshold 50)",
-        "norm_threshold": "full Bernini's APG uses the official fixed settings (eta 1.0, momentum 0, "
-                          "norm threshold 50)",
-    },
-}
+IGNORED_FLAGS = IGNORED_SETTINGS  # flags the chosen model ignores: one warning line each
 
 
 def _examples(prog: str) -> str:
@@ -420,6 +406,9 @@ def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str
 
     task = run.get("task_type") or args.task_type
     spec = get_task(task)
+    from .tasks import check_text
+
+    check_text(run.get("prompt"), "prompt", required=True)
     videos, image, refs = _as_list(run.get("video")), run.get("image"), _as_list(run.get("images"))
 
     # files (a case file's or batch's relative paths are read from its folder or the working directory)

@@ -8,6 +8,8 @@ requested dtype, VAE always fp32.
 
 from __future__ import annotations
 
+import math
+
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -96,6 +98,11 @@ class RendererConfig:
         unknown = sorted(set(overrides or {}) - names)
         if unknown:
             raise BerniniError(f"unknown renderer option(s) {unknown}; valid options: {sorted(names)}.")
+        boundary = values.get("switch_dit_boundary", cls.switch_dit_boundary)
+        if not (isinstance(boundary, (int, float)) and math.isfinite(boundary) and 0 <= boundary <= 1):
+            # a boundary of 87.5 or NaN would leave one expert unused without a word
+            raise BerniniError(f"switch_dit_boundary is {boundary!r}; it is the fraction of the 1000 timesteps where "
+                               "the low-noise expert takes over and must lie in [0, 1] (0.875 in the release).")
         return cls(**values)
 
 

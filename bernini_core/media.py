@@ -138,6 +138,14 @@ def frame_indices(total_frames: int, video_fps: float, target_fps: float, n_fram
 
 # --------------------------------------------------------------------------- decoding
 
+def reject_url(source, what: str) -> None:
+    """A URL given as a media path: said as such (a Path would fold "https://" into "https:/" and call it a
+    missing file)."""
+    if isinstance(source, str) and "://" in source:
+        raise BerniniError(f"{what} {source!r} is a URL; only local files are read (nothing is downloaded): "
+                           "download it first and pass the file's path.")
+
+
 def _require_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise BerniniError(f"{str(path)!r} is a folder, not {'an' if what[0] in 'aeiou' else 'a'} {what} file; "
@@ -231,12 +239,14 @@ def decode_frames(path, indices) -> np.ndarray:
 def check_video_file(path) -> None:
     """Fail now, not after the model load, when a video file cannot be read: it must open, state a frame rate,
     hold packets, and its first frame must decode."""
+    reject_url(path, "video")
     total, _ = probe_video(path)
     decode_frames(path, [0])
 
 
 def check_image_file(path) -> None:
     """Fail now, not after the model load, when an image file cannot be decoded."""
+    reject_url(path, "image")
     path = Path(path)
     _require_file(path, "image")
     try:
@@ -350,6 +360,7 @@ def load_video(source, *, fps: float = 16, num_frames: int = 81, max_image_size:
         raise BerniniError(f"fps is {fps}; it must be positive.")
 
     if isinstance(source, (str, os.PathLike)):
+        reject_url(source, "video")
         path = Path(source)
         what = f"video {str(path)!r}"
         if video_fps is not None:
@@ -386,6 +397,7 @@ def load_image(source, *, max_image_size: int = 848, min_short_edge: int = 1) ->
     ``[H, W, 3]`` / ``[1, H, W, 3]`` (uint8 or float 0..1). Alpha is dropped
     (PIL ``convert("RGB")``); EXIF orientation is not applied, as in the official."""
     if isinstance(source, (str, os.PathLike)):
+        reject_url(source, "image")
         path = Path(source)
         what = f"image {str(path)!r}"
         _require_file(path, "image")
@@ -575,7 +587,10 @@ def numbered_names(path: Path):
     """``path``, then ``stem_00001.ext``, ``stem_00002.ext``, ...: the names tried for an output."""
     yield path
     for index in range(1, MAX_NUMBERED + 1):
-        yield path.with_name(f"{path.stem}_{index:05d}{path.suffix}")
+        stem, tail = path.stem, f"_{index:05d}{path.suffix}"
+        while len(os.fsencode(stem + tail)) > NAME_MAX and stem:  # a long name loses its stem's end, not the run
+            stem = stem[:-1]
+        yield path.with_name(stem + tail)
 
 
 def _place(tmp: str, final: Path, overwrite: bool) -> Path:
@@ -626,3 +641,10 @@ def check_output_path(path) -> None:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise BerniniError(f"output path {str(target)!r} is not writable (folder {str(parent)!r} cannot be written); "
                            "choose another output path.")
+    try:  # os.access says yes to root everywhere, and knows nothing of read-only or virtual file systems
+        fd, probe = tempfile.mkstemp(prefix=".bernini-", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BerniniError(f"output path {str(target)!r} is not writable (a file cannot be created in "
+                           f"{str(parent)!r}: {exc.strerror or exc}); choose another output path.") from None

@@ -26,7 +26,8 @@ from .node_models import (  # re-exported: the nodes use node_api only
     TextEncoderModel, VAEModel, file_choices, load_planner, load_renderer, log, planner_choices, renderer_choices)
 from .sampling.guidance import RENDERER_MODES
 from .sampling.guidance_full import FULL_MODES
-from .tasks import RENDERER_NEGATIVE_KIND, TASK_NAMES, SourceInputs, bernini_preset, check_sources, get_task
+from .tasks import (RENDERER_NEGATIVE_KIND, TASK_NAMES, SourceInputs, bernini_preset, check_numbers, check_sources,
+                    get_task)
 
 __all__ = [
     "ATTENTION_CHOICES", "DOWNLOAD_CHOICES", "FULL_FAMILY", "GUIDANCE_CHOICES", "NONE", "OFFICIAL_FULL",
@@ -52,6 +53,9 @@ def encode_prompt(text_encoder: TextEncoderModel, task: str, prompt: str, negati
     get_task(task)
     if not isinstance(prompt, str):
         raise BerniniError(f"Encode Bernini Prompt: prompt must be a string, got {type(prompt).__name__} {prompt!r}.")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise BerniniError(f"Encode Bernini Prompt: negative_prompt must be a string, got "
+                           f"{type(negative_prompt).__name__} {negative_prompt!r}.")
     if not prompt.strip():
         raise BerniniError("Encode Bernini Prompt: prompt is empty; describe the image/video to generate or the edit "
                            "to make.")
@@ -121,6 +125,14 @@ def prepare_sources(conditioning: Conditioning, vae: VAEModel, width: int = 0, h
     max_image_size = int(max_image_size) if max_image_size else int(preset["max_image_size"])
     if not fps or fps <= 0:
         raise BerniniError(f"Bernini Sources: fps is {fps}; it must be positive (16 is the official rate).")
+    for name, value in (("video_fps", video_fps), ("reference_video_fps", reference_video_fps)):
+        if not math.isfinite(float(value)) or not 0 <= float(value) <= 1000:  # NaN passes ComfyUI's min/max check
+            raise BerniniError(f"Bernini Sources: {name} is {value}; give the frame rate of the frames (e.g. 24), or "
+                               "0 for the fps setting.")
+    if vae.family == FULL_FAMILY and (height % 16 or width % 16):
+        raise BerniniError(f"Bernini Sources: width × height {width}x{height} must be multiples of 16 for full "
+                           f"Bernini; set e.g. width {max(16, round(width / 16) * 16)}, height "
+                           f"{max(16, round(height / 16) * 16)} (0 = the preset).")
     rate = float(video_fps) if video_fps and video_fps > 0 else None  # None: the frames are at `fps`
     ref_rate = float(reference_video_fps) if reference_video_fps and reference_video_fps > 0 else rate
     references = (("reference_images", reference_images), ("reference_image_2", reference_image_2),
@@ -174,6 +186,12 @@ def plan(planner: PlannerModel, conditioning: Conditioning, sources: SourcesBund
     _check_same_model(sources, "sources", conditioning, "conditioning", node)
     _check_same_task(conditioning, sources, node)
     preset = bernini_preset(conditioning.task, conditioning.version)
+    try:  # NaN passes ComfyUI's min/max check; direct calls skip the widget limits
+        check_numbers({"planning_step": planning_steps or preset["planning_step"],
+                       "vit_denoising_step": vit_denoising_steps or preset["vit_denoising_step"],
+                       "vit_txt_cfg": vit_txt_cfg, "vit_img_cfg": vit_img_cfg})
+    except BerniniError as exc:
+        raise BerniniError(f"{node}: {exc}") from None
     pipe = conditioning.pipeline
     planning_pipe = pipe
     if planner.dtype != pipe.dtype:  # the planner runs in its own dtype; contexts are cast to the renderer's below

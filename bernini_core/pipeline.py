@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from typing import Any, Optional
 
@@ -27,7 +28,7 @@ from .progress import Progress, StageSteps
 from .runtime import Runtime, resolve_dtype
 from .sampling.guidance import RendererGuidance
 from .stages import BerniniOutput, PromptEmbeds, Sources
-from .tasks import (check_mode_sources, check_sources, check_text, get_task, renderer_preset,
+from .tasks import (IGNORED_SETTINGS, check_mode_sources, check_sources, check_text, get_task, renderer_preset,
                     resolve_settings)
 from .text_encoder import negative_prompt, t5_negative_text, t5_positive_text
 
@@ -116,6 +117,8 @@ class BerniniPipeline:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "BerniniPipeline":
+        if not isinstance(path, (str, os.PathLike)):
+            raise BerniniError(f"from_pretrained needs the model folder's path, got {type(path).__name__} {path!r}.")
         pipeline_class = cls.pipeline_class(path, high_noise_ckpt=kwargs.get("high_noise_ckpt"),
                                             low_noise_ckpt=kwargs.get("low_noise_ckpt"))
         return pipeline_class.from_pretrained(path, **kwargs)
@@ -204,9 +207,20 @@ class BerniniPipeline:
                 f"multi-process run this stage belongs to the group's leader){'; ' + hint if hint else ''}.")
 
     def check_call(self, task: str, prompt, settings: dict[str, Any], *, video=None, image=None, images=None,
-                   output_path=None, force: bool = False) -> None:
+                   output_path=None, force: bool = False, overwrite: bool = False, progress=None,
+                   given=()) -> None:
         """What ``__call__`` can check with no model work, before its first stage: the texts, the sources the task
-        and the guidance mode need, the output path, and the memory of an output sized by the settings."""
+        and the guidance mode need, the output path, and the memory of an output sized by the settings. `given`:
+        the settings the caller named; those this family ignores get one warning line each."""
+        for name, value in (("overwrite", overwrite), ("force", force)):
+            if not isinstance(value, bool):  # "false" is truthy: it would replace the user's file
+                raise BerniniError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
+        if progress is not None and not callable(progress):
+            raise BerniniError(f"progress must be a function progress(stage, step, total), got {progress!r}.")
+        family = "full" if self.family == "bernini" else "renderer"
+        for name in given:
+            if name in IGNORED_SETTINGS[family]:
+                log.warning("%s is ignored: %s.", name, IGNORED_SETTINGS[family][name])
         spec = get_task(task)
         check_text(prompt, "prompt", required=True)
         for name in ("neg_prompt", "system_prompt"):
@@ -248,6 +262,9 @@ class BerniniPipeline:
         the Decode node, so both give the same frames for the same latents. ``progress``: stage "decode", one
         step per decoder call (bernini_core/progress.py)."""
         self.require_parts("decoding (decode_raw)", "vae")
+        if not bool(torch.isfinite(raw).all()):  # a NaN video is never made
+            raise BerniniError("the latents to decode hold NaN or inf values (a broken LATENT input, or the node that "
+                               "made it failed); nothing was decoded.")
         vae = self.components.vae
         memory = vae.working_memory(raw.shape[-2] * 8, raw.shape[-1] * 8, tiling)
         steps = StageSteps(progress, "decode", raw.shape[0] * vae.decode_chunks(raw, tiling))
@@ -507,8 +524,8 @@ class RendererPipeline(BerniniPipeline):
         self.require_parts("a whole render (__call__)", *self.parts_for_rank())
         settings = self.resolve(task, kwargs, force=force)
         RendererGuidance(settings["guidance_mode"])  # a full-Bernini mode is named as such, before anything else
-        self.check_call(task, prompt, settings, video=video, image=image, images=images,
-                        output_path=output_path, force=force)
+        self.check_call(task, prompt, settings, video=video, image=image, images=images, output_path=output_path,
+                        force=force, overwrite=overwrite, progress=progress, given=kwargs)
         tiling = vae_tiling(settings)
 
         def prepare():

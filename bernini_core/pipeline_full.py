@@ -147,9 +147,10 @@ class FullPipeline(BerniniPipeline):
         overrides = dict(CLI_OVERRIDES)  # what the official CLI passes to BerniniPipeline.from_pretrained
         overrides.update({k: v for k, v in config_overrides.items() if v is not None})
         dtype = resolve_dtype(dtype)
+        runtime = Runtime(device, offload=offload)  # a device this machine lacks is refused before the load
         components = load_full(path, dtype=dtype, attention=attention, overrides=overrides, progress=progress,
                                parts=parts)
-        pipe = cls(components, Runtime(device, offload=offload), dtype)
+        pipe = cls(components, runtime, dtype)
         if parallel is not None:
             pipe.use_parallel(parallel, fsdp=fsdp)
         elif fsdp:
@@ -168,9 +169,6 @@ class FullPipeline(BerniniPipeline):
         if unknown:
             raise BerniniError(f"unknown keyword(s) {unknown}; valid keywords: {sorted(CALL_KEYWORDS)}.")
         settings = resolve_settings(self.default_settings(task), overrides, force=force)
-        if not 0 <= settings["seed"] <= MAX_PLANNER_SEED:
-            raise BerniniError(f"seed {settings['seed']} is out of range for full Bernini: the planner seeds numpy, "
-                               f"which takes 0..{MAX_PLANNER_SEED}; pick a seed in that range.")
         if settings.get("neg_prompt") is None:
             settings["neg_prompt"] = negative_prompt(settings["negative"])
         return settings
@@ -386,8 +384,11 @@ class FullPipeline(BerniniPipeline):
         self.require_parts("a whole render (__call__)", *self.parts_for_rank())
         settings = self.resolve(task, kwargs, force=force)
         FullGuidance(settings["guidance_mode"])  # reject a Bernini-R mode early (docs/official_behaviour.md §7.4)
-        self.check_call(task, prompt, settings, video=video, image=image, images=images,
-                        output_path=output_path, force=force)
+        self.check_call(task, prompt, settings, video=video, image=image, images=images, output_path=output_path,
+                        force=force, overwrite=overwrite, progress=progress, given=kwargs)
+        if not 0 <= settings["seed"] <= MAX_PLANNER_SEED:  # a whole call seeds the planner (numpy) with it too
+            raise BerniniError(f"seed {settings['seed']} is out of range for full Bernini: the planner seeds numpy, "
+                               f"which takes 0..{MAX_PLANNER_SEED}; pick a seed in that range.")
         tiling = vae_tiling(settings)
         check_geometry(int(settings["height"] or 0), int(settings["width"] or 0))  # 0 = the source's size
 

@@ -34,6 +34,8 @@ DTYPES = {
 
 def resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if dtype not in set(DTYPES.values()):
+            raise BerniniError(f"dtype {dtype} is not supported; use one of bf16, fp16, fp32.")
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]

@@ -75,6 +75,9 @@ def check_sources(task: TaskSpec, *, n_videos: int, has_image: bool, n_images: i
     where = f"{inputs.prefix}task {task.name!r} ({task.description})"
     if task.video == "required" and n_videos == 0:
         raise BerniniError(f"{where} needs a source video: {inputs.give_video}.")
+    if task.name == "ads2v" and n_videos > 2:
+        raise BerniniError(f"{where} takes two videos, the source and then the reference (the ad to insert), got "
+                           f"{n_videos}; drop the others.")
     if task.name == "ads2v" and n_videos < 2:
         raise BerniniError(f"{where} needs the source video and then the reference video (the ad to insert), got "
                            f"{n_videos} video; {inputs.give_ref_video}.")
@@ -122,6 +125,25 @@ def check_text(value, name: str, *, required: bool) -> None:
         raise BerniniError(f"{name} must be a string, got {type(value).__name__} {value!r}.")
     if required and not value.strip():
         raise BerniniError(f"{name} is empty: describe the image/video to generate or the edit to make.")
+
+
+# Settings one family accepts (one settings dict serves both) but does not use: given explicitly, each gets one
+# warning line instead of being dropped without a word.
+IGNORED_SETTINGS = {
+    "renderer": {
+        "planning_step": "Bernini-R has no planner (a full-Bernini setting)",
+        "vit_denoising_step": "Bernini-R has no planner (a full-Bernini setting)",
+        "vit_txt_cfg": "Bernini-R has no planner (a full-Bernini setting)",
+        "vit_img_cfg": "Bernini-R has no planner (a full-Bernini setting)",
+        "omega_tgt": "Bernini-R guidance has no planned-target term (a full-Bernini setting)",
+    },
+    "full": {
+        "eta": "full Bernini's APG uses the official fixed settings (eta 1.0, momentum 0, norm threshold 50)",
+        "momentum": "full Bernini's APG uses the official fixed settings (eta 1.0, momentum 0, norm threshold 50)",
+        "norm_threshold": "full Bernini's APG uses the official fixed settings (eta 1.0, momentum 0, "
+                          "norm threshold 50)",
+    },
+}
 
 
 # --- Bernini-R presets (docs/official_behaviour.md §5.3; gradio BASE_TASK_DEFAULTS + RENDERER_TASK_DEFAULTS) ---

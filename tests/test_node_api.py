@@ -517,3 +517,49 @@ def test_apg_settings_reach_the_bernini_r_sampler_and_are_refused_by_full_bernin
                                        *OMEGAS_AT_PRESET, SEED, -1.0, apg=apg)
     with pytest.raises(BerniniError, match="norm_threshold"):
         pack.BerniniAPGSettings.settings(0.5, 0.0, -1.0)
+
+
+# ------------------------------------------------------------------ 6. numbers ComfyUI's min/max check lets through
+@pytest.mark.parametrize("name", ["video_fps", "reference_video_fps"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_sources_refuse_non_finite_frame_rates(pack, loaded, media, name, value):
+    _, text_encoder, vae = loaded.renderers["R"]
+    (cond,) = pack.BerniniEncodePrompt.encode(text_encoder, "ads2v", PROMPT, "")
+    with pytest.raises(BerniniError, match=f"Bernini Sources: {name} is"):
+        pack.BerniniSources.prepare(cond, vae, 32, 32, 5, 16, 48, **{name: value})
+
+
+def test_full_bernini_sources_refuse_sizes_off_the_16_grid(pack, loaded):
+    _, text_encoder, vae = loaded.renderers["v1"]
+    (cond,) = pack.BerniniEncodePrompt.encode(text_encoder, "t2v", PROMPT, "")
+    with pytest.raises(BerniniError, match="Bernini Sources: width × height 40x32 must be multiples of 16"):
+        pack.BerniniSources.prepare(cond, vae, 40, 32, 5, 16, 48)
+
+
+@pytest.mark.parametrize("args, fragment", [((2, 1, float("nan"), -1.0), "vit_txt_cfg"),
+                                            ((2, 1, -1.0, float("inf")), "vit_img_cfg"),
+                                            ((10**6, 1, -1.0, -1.0), "planning_step")])
+def test_plan_refuses_non_finite_cfgs_and_huge_step_counts(pack, loaded, prepared, args, fragment):
+    with pytest.raises(BerniniError, match=f"Plan Bernini Semantics: {fragment}"):
+        pack.BerniniPlanSemantics.plan(loaded.planners["v1"], prepared["v1"].cond, prepared["v1"].sources, *args,
+                                       SEED)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_decode_refuses_non_finite_latents(pack, loaded, value):
+    samples = torch.zeros(1, 16, 1, 4, 4)
+    samples[0, 0, 0, 0, 0] = value
+    with pytest.raises(BerniniError, match="NaN or inf"):
+        pack.BerniniDecodeVAE.decode(loaded.renderers["R"][2], {"samples": samples}, False, 256, 64)
+
+
+def test_encode_refuses_a_negative_prompt_that_is_not_text(pack, loaded):
+    with pytest.raises(BerniniError, match="negative_prompt must be a string, got int"):
+        pack.BerniniEncodePrompt.encode(loaded.renderers["R"][1], "t2v", PROMPT, 5)
+
+
+def test_full_bernini_sampling_takes_any_seed_of_its_widget(pack, loaded, prepared):
+    """The Sample node's seed only draws the noise (torch takes up to 2**64-1); the planner's seed is Plan's."""
+    (latent,) = pack.BerniniSampleVideo.sample(loaded.renderers["v1"][0], prepared["v1"].planned,
+                                               prepared["v1"].sources, "auto", 2, 0.0, *OMEGAS_AT_PRESET, 2**40, -1.0)
+    assert torch.isfinite(latent["samples"]).all()
