@@ -94,16 +94,29 @@ def test_renderer_rv2v_ulysses_2_cfg_2_with_uneven_streams(tmp_path, media_dir):
     check_world(result, out, reference)
 
 
+FULL_V2V = ["--config", "tiny-full", "--task_type", "v2v", "--prompt", "make it snow", "--max_image_size", "48",
+            "--planning_step", "3", *SMALL]
+
+
 def test_full_bernini_v2v_ulysses_2_via_gpus_flag(tmp_path, media_dir):
     """The planner runs on the leader only; the plan reaches the other rank by broadcast. Started with
     `--gpus 2 --device cpu` (the launcher built in), not torchrun."""
-    args = ["--config", "tiny-full", "--task_type", "v2v", "--prompt", "make it snow", "--video",
-            str(media_dir / "source.mp4"), "--max_image_size", "48", *SMALL]
+    args = [*FULL_V2V, "--video", str(media_dir / "source.mp4")]
     reference = one_process(tmp_path, args)
     out = tmp_path / "world"
     cmd = [sys.executable, "-m", "bernini_core", "generate", *args, "--gpus", "2", "--ulysses", "2",
            "--output", str(out / "out.mp4"), "--save_latents", str(out / "lat.safetensors")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env_for_ranks())
+    check_world(result, out, reference)
+
+
+def test_full_bernini_v2v_ulysses_2_cfg_2_under_torchrun(tmp_path, media_dir):
+    """vae_txt_vit_wapg's four passes a step dealt to two Ulysses groups of two."""
+    args = [*FULL_V2V, "--video", str(media_dir / "source.mp4")]
+    reference = one_process(tmp_path, args)
+    out = tmp_path / "world"
+    result = torchrun(4, [*args, "--ulysses", "2", "--cfg_parallel", "2", "--output", str(out / "out.mp4"),
+                          "--save_latents", str(out / "lat.safetensors")])
     check_world(result, out, reference)
 
 
