@@ -242,6 +242,11 @@ def check_tokenizer_folder(folder, what: str) -> None:
         raise broken_file(folder, f"(the {what} tokenizer folder) does not exist")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise broken_file(folder, f"holds no {what} tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    for path in sorted(folder.glob("*.json")):  # a truncated download fails here, not deep inside transformers
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise broken_file(path, f"is not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 __all__ = ["broken_file", "check_config_types", "check_tokenizer_folder", "config_error", "field_types",

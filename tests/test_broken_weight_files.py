@@ -311,6 +311,20 @@ def test_empty_tokenizer_folder_is_named(sources, tmp_path, kind, folder):
         assert f"hf download {REPOS[kind]} --include '{folder}/*' --local-dir {root}" in message
 
 
+@pytest.mark.parametrize("kind, file", [("F", "mllm/preprocessor_config.json"), ("F", "mllm/tokenizer_config.json"),
+                                        ("R", "tokenizer/tokenizer_config.json")])
+def test_tokenizer_folder_json_that_does_not_parse_is_named(sources, tmp_path, kind, file):
+    """A truncated JSON file fails before loading, naming the file, not deep inside transformers."""
+    root = broken_copy(sources, tmp_path, kind)
+    target = root / file
+    if not target.exists():
+        pytest.skip(f"the tiny checkpoint has no {file}")
+    text = target.read_text()
+    target.unlink()  # linked copy: replace the file, never edit the shared original
+    target.write_text(text[: len(text) // 2])
+    expect_error(kind, root, str(target), "not valid JSON")
+
+
 # ----------------------------------------------------------------------------------------------- downloads
 @pytest.fixture
 def hub(monkeypatch, tiny_renderer_dir):
