@@ -61,3 +61,20 @@ def tiny_bernini_v2_dir(tmp_path_factory):
     from bernini_core.tiny_full import make_tiny_bernini
 
     return make_tiny_bernini(tmp_path_factory.mktemp("tiny_full_v2") / "Bernini-Diffusers-v2", version="v2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def fp32_renderer(tiny_renderer_dir):
+    """The tiny Bernini-R pipeline in fp32 on the CPU, shared by the input-checking tests."""
+    from bernini_core import BerniniPipeline
+
+    return BerniniPipeline.from_pretrained(tiny_renderer_dir, device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def no_work(fp32_renderer, monkeypatch):
+    """Records any stage of `fp32_renderer` that starts: a test passes only if its error comes before the first."""
+    calls = []
+    for stage in ("encode_prompt", "prepare_sources", "sample"):
+        monkeypatch.setattr(fp32_renderer, stage, lambda *a, _s=stage, **k: calls.append(_s))
+    return calls

@@ -18,18 +18,6 @@ from bernini_core.tasks import MAX_STEPS, check_numbers, resolve_settings
 SMALL = dict(num_frames=5, height=32, width=32, num_inference_steps=2, seed=3)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_renderer_dir):
-    return BerniniPipeline.from_pretrained(tiny_renderer_dir, device="cpu", dtype="fp32")
-
-
-@pytest.fixture
-def no_work(pipe, monkeypatch):
-    """Records any stage that starts: a test passes only if its error comes before the first stage."""
-    calls = []
-    for stage in ("encode_prompt", "prepare_sources", "sample"):
-        monkeypatch.setattr(pipe, stage, lambda *a, _s=stage, **k: calls.append(_s))
-    return calls
 
 
 @pytest.fixture
@@ -77,9 +65,9 @@ def test_whole_floats_become_ints_and_force_lifts_the_step_maxima():
     (dict(seed=2**64), "seed"), (dict(num_frames=-7), "num_frames"), (dict(fps=0), "fps"),
     (dict(height=100000, width=100000), "GiB of working memory"),
 ])
-def test_the_api_refuses_before_any_stage(pipe, no_work, kwargs, fragment):
+def test_the_api_refuses_before_any_stage(fp32_renderer, no_work, kwargs, fragment):
     with pytest.raises(BerniniError, match=fragment):
-        pipe("t2v", "a fox", **{**SMALL, **kwargs})
+        fp32_renderer("t2v", "a fox", **{**SMALL, **kwargs})
     assert no_work == []
 
 
@@ -94,29 +82,29 @@ def test_full_bernini_seed_range_is_checked_before_any_stage(tiny_bernini_v1_dir
 
 
 # ------------------------------------------------------------------------------------------------- memory
-def test_a_size_beyond_the_machines_memory_is_refused_with_the_estimate(pipe):
+def test_a_size_beyond_the_machines_memory_is_refused_with_the_estimate(fp32_renderer):
     with pytest.raises(BerniniError) as info:
         check_fits(81, 100000, 100000, "cpu")
     message = str(info.value)
     assert "100000x100000" in message and "GiB of working memory" in message and "force=True (--force)" in message
     check_fits(81, 100000, 100000, "cpu", force=True)  # forced: no refusal
-    check_fits(81, 480, 848, "cpu", dit=pipe.experts.high.module)  # the official size fits any machine's memory
+    check_fits(81, 480, 848, "cpu", dit=fp32_renderer.experts.high.module)  # the official size fits
 
 
-def test_the_estimate_counts_the_dit_activations(pipe):
+def test_the_estimate_counts_the_dit_activations(fp32_renderer):
     without, host = render_estimate(81, 480, 848)
-    with_dit, _ = render_estimate(81, 480, 848, dit=pipe.experts.high.module, source_tokens=10**7)
+    with_dit, _ = render_estimate(81, 480, 848, dit=fp32_renderer.experts.high.module, source_tokens=10**7)
     assert with_dit > without > 0 and host == 81 * 480 * 848 * 3 * 5
 
 
-def test_the_sample_stage_checks_memory_for_sizes_the_sources_fix(pipe, monkeypatch):
+def test_the_sample_stage_checks_memory_for_sizes_the_sources_fix(fp32_renderer, monkeypatch):
     """Nodes call the stages directly: sample() refuses before the first step."""
-    embeds = pipe.encode_prompt("t2v", "a fox")
-    sources = pipe.prepare_sources("t2v")
-    settings = pipe.resolve("t2v", dict(SMALL, height=100000, width=100000))
+    embeds = fp32_renderer.encode_prompt("t2v", "a fox")
+    sources = fp32_renderer.prepare_sources("t2v")
+    settings = fp32_renderer.resolve("t2v", dict(SMALL, height=100000, width=100000))
     monkeypatch.setattr("bernini_core.pipeline.renderer_denoise", lambda *a, **k: pytest.fail("sampling started"))
     with pytest.raises(BerniniError, match="GiB of working memory"):
-        pipe.sample(embeds, sources, settings)
+        fp32_renderer.sample(embeds, sources, settings)
 
 
 def test_the_cli_refuses_a_huge_size_before_loading(tiny_renderer_dir, no_model, capsys):
@@ -141,10 +129,10 @@ def test_devices_this_machine_lacks_are_one_clear_line(device, fragment):
 
 @pytest.mark.parametrize("output, fragment", [(5, "must be a file path"), ("out\x00put.mp4", "NUL byte"),
                                               ("x" * 300 + ".mp4", "bytes long"), ("clip.webm", "WebM")])
-def test_bad_output_paths_are_refused_before_any_stage(pipe, no_work, tmp_path, output, fragment):
+def test_bad_output_paths_are_refused_before_any_stage(fp32_renderer, no_work, tmp_path, output, fragment):
     path = output if not isinstance(output, str) else str(tmp_path / output)
     with pytest.raises(BerniniError, match=fragment):
-        pipe("t2v", "a fox", output_path=path, **SMALL)
+        fp32_renderer("t2v", "a fox", output_path=path, **SMALL)
     assert no_work == []
 
 
@@ -175,10 +163,11 @@ def test_media_that_decodes_passes(media_dir):
 
 # ------------------------------------------------------------------------------------------ adjusted values
 @pytest.mark.parametrize("height, width, expected", [(40, 32, "height=40"), (32, 8, "width=8")])
-def test_rounded_sizes_get_one_warning_line(pipe, caplog, height, width, expected):
-    sources = pipe.prepare_sources("t2v")
+def test_rounded_sizes_get_one_warning_line(fp32_renderer, caplog, height, width, expected):
+    sources = fp32_renderer.prepare_sources("t2v")
+    settings = fp32_renderer.resolve("t2v", dict(SMALL, height=height, width=width))
     with caplog.at_level(logging.WARNING):
-        frames, h, w = pipe.output_geometry(sources, pipe.resolve("t2v", dict(SMALL, height=height, width=width)))
+        frames, h, w = fp32_renderer.output_geometry(sources, settings)
     assert (h, w) == ((32 if height == 40 else 32), (16 if width == 8 else 32))
     assert [r.getMessage() for r in caplog.records if expected in r.getMessage()] != []
     assert np.all(np.array([h, w]) % 16 == 0)

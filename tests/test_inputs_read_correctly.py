@@ -20,17 +20,6 @@ from bernini_core.tasks import check_mode_sources
 SMALL = dict(num_frames=5, height=32, width=32, num_inference_steps=2, seed=3)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_renderer_dir):
-    return BerniniPipeline.from_pretrained(tiny_renderer_dir, device="cpu", dtype="fp32")
-
-
-@pytest.fixture
-def no_work(pipe, monkeypatch):
-    calls = []
-    for stage in ("encode_prompt", "prepare_sources", "sample"):
-        monkeypatch.setattr(pipe, stage, lambda *a, _s=stage, **k: calls.append(_s))
-    return calls
 
 
 # --------------------------------------------------------------------------------------------- 16-bit PNGs
@@ -96,9 +85,9 @@ def test_small_overshoots_are_clipped_as_before():
     ("t2v", "v2v", "a source video or image"), ("t2v", "rv2v", "a source video"), ("t2v", "v2v_apg", "source"),
     ("t2i", "v2v_chain", "a source video"), ("t2v", "r2v_apg", "reference images"),
 ])
-def test_a_mode_needing_sources_is_refused_on_a_task_without(pipe, no_work, task, mode, fragment):
+def test_a_mode_needing_sources_is_refused_on_a_task_without(fp32_renderer, no_work, task, mode, fragment):
     with pytest.raises(BerniniError, match=fragment) as info:
-        pipe(task, "a fox", guidance_mode=mode, **SMALL)
+        fp32_renderer(task, "a fox", guidance_mode=mode, **SMALL)
     assert repr(mode) in str(info.value) and no_work == []
 
 
@@ -112,11 +101,11 @@ def test_mode_sources_rules():
         check_mode_sources("r2v_apg", n_videos=1, n_images=0, task="v2v")
 
 
-def test_the_sample_stage_refuses_a_mode_without_its_sources(pipe):
-    embeds = pipe.encode_prompt("t2v", "a fox")
-    settings = pipe.resolve("t2v", dict(SMALL, guidance_mode="v2v_apg"))
+def test_the_sample_stage_refuses_a_mode_without_its_sources(fp32_renderer):
+    embeds = fp32_renderer.encode_prompt("t2v", "a fox")
+    settings = fp32_renderer.resolve("t2v", dict(SMALL, guidance_mode="v2v_apg"))
     with pytest.raises(BerniniError, match="v2v_apg"):
-        pipe.sample(embeds, pipe.prepare_sources("t2v"), settings)
+        fp32_renderer.sample(embeds, fp32_renderer.prepare_sources("t2v"), settings)
 
 
 def test_the_cli_refuses_a_mode_without_its_sources_before_loading(tiny_renderer_dir, capsys, monkeypatch):
@@ -134,10 +123,10 @@ def test_full_bernini_refuses_rv2v_wapg_without_a_video(tiny_bernini_v1_dir, mon
         full("t2v", "a fox", guidance_mode="rv2v_wapg", **SMALL)
 
 
-def test_ads2v_needs_its_reference_video(pipe, no_work, media_dir, tiny_renderer_dir, capsys):
+def test_ads2v_needs_its_reference_video(fp32_renderer, no_work, media_dir, tiny_renderer_dir, capsys):
     clip = str(sorted(media_dir.glob("*.mp4"))[0])
     with pytest.raises(BerniniError, match="reference video"):
-        pipe("ads2v", "add the logo", video=clip, **SMALL)
+        fp32_renderer("ads2v", "add the logo", video=clip, **SMALL)
     assert no_work == []
     with pytest.raises(BerniniError, match="reference_video"):
         _check_source_inputs("ads2v", has_video=True, has_ref_video=False, has_image=False, n_refs=0)
@@ -154,16 +143,16 @@ def test_ads2v_needs_its_reference_video(pipe, no_work, media_dir, tiny_renderer
     (dict(prompt="a fox", system_prompt=b"x"), "system_prompt must be a string"),
     (dict(prompt="   "), "prompt is empty"),
 ])
-def test_prompts_that_are_not_strings_are_refused_as_such(pipe, no_work, kwargs, fragment):
+def test_prompts_that_are_not_strings_are_refused_as_such(fp32_renderer, no_work, kwargs, fragment):
     prompt = kwargs.pop("prompt")
     with pytest.raises(BerniniError, match=fragment):
-        pipe("t2v", prompt, **SMALL, **kwargs)
+        fp32_renderer("t2v", prompt, **SMALL, **kwargs)
     assert no_work == []
 
 
-def test_a_string_norm_threshold_is_refused(pipe, no_work):
+def test_a_string_norm_threshold_is_refused(fp32_renderer, no_work):
     with pytest.raises(BerniniError, match="norm_threshold must be a number"):
-        pipe("t2v", "a fox", norm_threshold="19", **SMALL)
+        fp32_renderer("t2v", "a fox", norm_threshold="19", **SMALL)
 
 
 # ------------------------------------------------------------------------------------------ warnings
@@ -175,13 +164,13 @@ def test_video_fps_with_a_file_warns_once(media_dir, caplog):
     assert len(lines) == 1 and "no effect" in lines[0] and str(clip) in lines[0]
 
 
-def test_a_prompt_beyond_512_tokens_warns_once(pipe, caplog):
+def test_a_prompt_beyond_512_tokens_warns_once(fp32_renderer, caplog):
     prompt = " ".join(["a red fox runs"] * 400)
     with caplog.at_level(logging.WARNING):
-        pipe.encode_prompt("t2v", prompt)
+        fp32_renderer.encode_prompt("t2v", prompt)
     lines = [r.getMessage() for r in caplog.records if "keeps the first 512" in r.getMessage()]
     assert len(lines) == 1
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        pipe.encode_prompt("t2v", "a red fox runs")
+        fp32_renderer.encode_prompt("t2v", "a red fox runs")
     assert not [r for r in caplog.records if "keeps the first" in r.getMessage()]

@@ -19,17 +19,6 @@ from bernini_core.runtime import resolve_dtype
 SMALL = dict(num_frames=5, height=32, width=32, num_inference_steps=2, seed=3)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_renderer_dir):
-    return BerniniPipeline.from_pretrained(tiny_renderer_dir, device="cpu", dtype="fp32")
-
-
-@pytest.fixture
-def no_work(pipe, monkeypatch):
-    calls = []
-    for stage in ("encode_prompt", "prepare_sources", "sample"):
-        monkeypatch.setattr(pipe, stage, lambda *a, _s=stage, **k: calls.append(_s))
-    return calls
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -37,24 +26,24 @@ def no_work(pipe, monkeypatch):
     (dict(force="yes"), "force must be True or False"),
     (dict(progress="tqdm"), "progress must be a function"),
 ])
-def test_flags_of_the_wrong_type_are_refused_before_any_stage(pipe, no_work, tmp_path, kwargs, fragment):
+def test_flags_of_the_wrong_type_are_refused_before_any_stage(fp32_renderer, no_work, tmp_path, kwargs, fragment):
     user = tmp_path / "clip.mp4"
     user.write_bytes(b"the user's video")
     with pytest.raises(BerniniError, match=fragment):
-        pipe("t2v", "a fox", output_path=str(user), **SMALL, **kwargs)
+        fp32_renderer("t2v", "a fox", output_path=str(user), **SMALL, **kwargs)
     assert no_work == [] and user.read_bytes() == b"the user's video"
 
 
-def test_ads2v_takes_exactly_two_videos(pipe, no_work, media_dir):
+def test_ads2v_takes_exactly_two_videos(fp32_renderer, no_work, media_dir):
     clip = str(media_dir / "source.mp4")
     with pytest.raises(BerniniError, match="takes two videos"):
-        pipe("ads2v", "add it", video=[clip, clip, clip], **SMALL)
+        fp32_renderer("ads2v", "add it", video=[clip, clip, clip], **SMALL)
 
 
-def test_settings_the_family_ignores_get_one_warning_each(pipe, caplog, monkeypatch):
-    monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: (_ for _ in ()).throw(BerniniError("stop")))
+def test_settings_the_family_ignores_get_one_warning_each(fp32_renderer, caplog, monkeypatch):
+    monkeypatch.setattr(fp32_renderer, "encode_prompt", lambda *a, **k: (_ for _ in ()).throw(BerniniError("stop")))
     with caplog.at_level(logging.WARNING), pytest.raises(BerniniError, match="stop"):
-        pipe("t2v", "a fox", planning_step=10, omega_tgt=1.0, **SMALL)
+        fp32_renderer("t2v", "a fox", planning_step=10, omega_tgt=1.0, **SMALL)
     lines = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
     assert len(lines) == 2 and "planning_step is ignored: Bernini-R has no planner" in lines[0]
 
