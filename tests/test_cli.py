@@ -1,8 +1,6 @@
 """`python -m bernini_core generate`: every Bernini-R task, case files, written files, error exits."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -50,17 +48,6 @@ def test_case_file_with_relative_media(tiny_renderer_dir, media_dir, tmp_path, c
                                 "output": str(tmp_path / "case_out.mp4")}))
     assert main(["generate", "--config", str(tiny_renderer_dir), "--case", str(case), *SMALL]) == 0
     assert probe(tmp_path / "case_out.mp4")[:3] == (5, 32, 48)
-
-
-def test_tiny_config_through_python_dash_m(tmp_path):
-    out = tmp_path / "tiny.mp4"
-    result = subprocess.run(
-        [sys.executable, "-m", "bernini_core", "generate", "--config", "tiny", "--task_type", "t2v",
-         "--prompt", "a fox", "--output", str(out), *SMALL],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert probe(out) == (5, 32, 32, 16.0)
 
 
 @pytest.mark.parametrize(
