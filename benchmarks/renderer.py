@@ -2,11 +2,18 @@
 
     python benchmarks/renderer.py                                   # tiny config on CPU
     python benchmarks/renderer.py --config a14b --height 480 --width 832 --frames 81 --device cuda --sources 1
+    python benchmarks/renderer.py --formats bf16,fp8,q8_0,q4_k              # weight formats side by side
 
 The FLOP count of one forward follows docs/wan_qwen.md §5.1 (per block, L video tokens, T text rows,
 D model dim, F FFN dim, multiply-add = 2 FLOPs): linear 2L(6D² + 2DF) + 4TD², self-attention 4L²D,
 cross-attention 4LTD, times the number of blocks. A denoising step runs one forward per guidance arm
 (`--arms`: 2 for v2v_apg/t2v_apg, 3 for r2v_apg, 4 for rv2v). Weights are random: speed does not depend on them.
+
+`--formats` adds a table of the weight formats users load (issue 11): bf16 (and fp16/fp32), fp8 e4m3fn "scaled"
+(kept fp8, dequantised per layer, or `torch._scaled_mm` where the GPU has it) and GGUF Q8_0 / Q4_K (packed bytes,
+dequantised per layer in torch): resident weight bytes and time per forward on the current device. GGUF blocks are
+random bytes with small finite scales (a GGUF layer's speed does not depend on its values); Linear layers whose
+input size is not a multiple of the type's block stay float, as in real GGUF files.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bernini_core.renderer.config import WAN21_1_3B, WAN22_A14B, DiTConfig  # noqa: E402
+from bernini_core.gguf.dequant import QUANT_TYPES  # noqa: E402
+from bernini_core.gguf.layers import GGUFLinear, gguf_ops  # noqa: E402
+from bernini_core.quant import E4M3_MAX, Fp8ScaledLinear, fp8_ops  # noqa: E402
 from bernini_core.renderer.transformer import BerniniDiT, cast_dit_  # noqa: E402
 from bernini_core.runtime import resolve_device, resolve_dtype  # noqa: E402
 from bernini_core.tiny import TINY_DIT  # noqa: E402
@@ -67,6 +77,98 @@ def gpu_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+GGUF_FORMATS = {"q8_0": 8, "q4_k": 12}  # GGML type codes
+FLOAT_FORMATS = ("bf16", "fp16", "fp32")
+FORMATS = FLOAT_FORMATS + ("fp8",) + tuple(GGUF_FORMATS)
+
+
+def build_model(cfg: DiTConfig, fmt: str, device: torch.device, dtype: torch.dtype, fp32_islands: bool) -> BerniniDiT:
+    """A random DiT whose Linear weights are held in `fmt`; activations in `dtype` (fp8 / GGUF) or `fmt` itself."""
+    ops = fp8_ops() if fmt == "fp8" else gguf_ops() if fmt in GGUF_FORMATS else None
+    compute = resolve_dtype(fmt) if fmt in FLOAT_FORMATS else dtype
+    model = BerniniDiT(cfg, ops=ops, device=device, dtype=torch.float32 if device.type == "cpu" else compute)
+    cast_dit_(model, compute, keep_fp32_islands=fp32_islands)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, Fp8ScaledLinear):
+                scale = (layer.weight.float().abs().amax() / E4M3_MAX).clamp(min=1e-12)
+                layer.weight = torch.nn.Parameter((layer.weight.float() / scale).to(torch.float8_e4m3fn),
+                                                  requires_grad=False)
+                layer.scale_weight.fill_(scale)
+            elif isinstance(layer, GGUFLinear) and fmt in GGUF_FORMATS:
+                _pack_random_(layer, GGUF_FORMATS[fmt], device)
+    if ops is not None:
+        model.compute_dtype = compute
+    return model.eval().requires_grad_(False)
+
+
+def _pack_random_(layer: GGUFLinear, code: int, device: torch.device) -> None:
+    qt = QUANT_TYPES[code]
+    if layer.in_features % qt.block_size:
+        return  # stays float, as a GGUF file keeps such tensors
+    blocks = layer.out_features * layer.in_features // qt.block_size
+    packed = torch.randint(0, 256, (blocks, qt.type_size), dtype=torch.uint8, device=device)
+    scales = torch.tensor([0.01, 0.001], dtype=torch.float16).view(torch.uint8).to(device)  # d (and dmin) fields
+    packed[:, :4] = scales if qt.name.endswith("_K") else scales[:2].repeat(2)
+    layer.expect_packed(code, (layer.out_features, layer.in_features // qt.block_size * qt.type_size))
+    layer.weight = torch.nn.Parameter(packed.reshape(layer.out_features, -1), requires_grad=False)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def time_forwards(model, inputs, device, warmup: int, repeats: int) -> list[float]:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            sync()
+            start = time.perf_counter()
+            model(*inputs)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def print_table(header: tuple, rows: list) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+
+
+def format_table(args, cfg, device, dtype, inputs) -> None:
+    formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise SystemExit(f"--formats: unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    rows, first = [], None
+    for fmt in formats:
+        torch.manual_seed(0)
+        model = build_model(cfg, fmt, device, dtype, args.fp32_islands)
+        model.set_attention_backend(args.attention)
+        packed = sum(1 for m in model.modules() if getattr(m, "bernini_quantized", False))
+        times = time_forwards(model, inputs, device, args.warmup, args.repeats)
+        fwd = statistics.median(times)
+        first = first or fwd
+        size = weight_bytes(model)
+        note = f"{packed} packed layers" if fmt in GGUF_FORMATS else ""
+        rows.append((fmt, f"{size / 2**20:,.1f} MiB", f"{fwd * 1e3:.2f}", f"{fwd / first:.2f}x", note))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print()
+    print(f"## Weight formats ({device}, activations {args.dtype})")
+    print()
+    print_table(("format", "resident weights", "ms / forward (median)", "vs first", "note"), rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="tiny | a14b | 1.3b | path to a transformer config.json")
@@ -82,6 +184,7 @@ def main(argv=None) -> None:
     p.add_argument("--attention", default="auto")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--formats", default="", help=f"comma list out of {', '.join(FORMATS)}: a weight-format table")
     args = p.parse_args(argv)
 
     cfg = load_config(args.config)
@@ -100,21 +203,10 @@ def main(argv=None) -> None:
     timestep = torch.tensor([900.0], device=device)
     tokens = (args.sources + 1) * lat_t * (lat_h // 2) * (lat_w // 2)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    with torch.inference_mode():
-        for i in range(args.warmup + args.repeats):
-            sync()
-            start = time.perf_counter()
-            model(streams, ids, timestep, context)
-            sync()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
+    inputs = (streams, ids, timestep, context)
+    times = time_forwards(model, inputs, device, args.warmup, args.repeats)
 
     flops = forward_flops(cfg, tokens, args.text_rows)
     fwd = statistics.median(times)
@@ -136,11 +228,10 @@ def main(argv=None) -> None:
         ("fraction of peak", f"{flops / fwd / 1e12 / peak:.1%} of {peak:.0f} TFLOP/s" if peak else "n/a (no GPU peak known)"),
         ("peak memory", memory),
     ]
-    width = max(len(k) for k, _ in rows)
-    print("| " + "quantity".ljust(width) + " | value |")
-    print("|" + "-" * (width + 2) + "|-------|")
-    for key, value in rows:
-        print(f"| {key.ljust(width)} | {value} |")
+    print_table(("quantity", "value"), rows)
+    if args.formats:
+        del model
+        format_table(args, cfg, device, dtype, inputs)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Differences from the official scripts, all additive (`--inputs` batches work as 
 * `--config tiny` (Bernini-R 14B layout), `tiny-1.3b`, `tiny-full` (Bernini-Diffusers v1) or `tiny-full-v2`
   runs on a tiny random checkpoint written on the fly in the official layout: it proves the whole
   pipeline runs; its output is noise;
-* `--device`, `--dtype`, `--attention`, `--video_fps`, `--no-offload`, `--vae_tile_px`;
+* `--device`, `--dtype`, `--attention`, `--video_fps`, `--no-offload`, `--vae_tile_px`, `--lora` (LoRAs merged
+  into the experts, bernini_core/lora);
 * every input that can be checked without the model (files, output path, task/source/mode combinations,
   numbers, device, attention backend) is checked before the model loads, for every run of a batch;
   a flag the chosen model ignores is named in one warning line.
@@ -27,7 +28,7 @@ from typing import Iterator, Optional, Sequence
 
 from .errors import BerniniError
 from .progress import TqdmProgress  # light: tqdm itself is imported with the first bar
-from .tasks import IGNORED_SETTINGS, TASK_NAMES, get_task
+from .tasks import IGNORED_SETTINGS, NO_GUIDANCE, PRESET_NAMES, SAMPLER_NAMES, TASK_NAMES, get_task
 
 log = logging.getLogger("bernini.cli")
 
@@ -50,6 +51,8 @@ TINY_CONFIGS = {"tiny": ("renderer", "14b", "Bernini-R-Diffusers"),
 RENDERER_GUIDANCE_MODES = ("rv2v", "v2v", "v2v_chain", "t2v", "r2v_apg", "v2v_apg", "t2v_apg")
 FULL_GUIDANCE_MODES = ("vae_txt_vit_wapg", "vae_txt_vit", "rv2v_wapg", "v2v_apg")
 GUIDANCE_MODES = RENDERER_GUIDANCE_MODES + tuple(m for m in FULL_GUIDANCE_MODES if m not in RENDERER_GUIDANCE_MODES)
+# --guidance_mode also takes "none" (both families: one pass per step, no guidance; docs/fast_sampling.md)
+FLAG_CHOICES = {"guidance_mode": GUIDANCE_MODES + (NO_GUIDANCE,), "preset": PRESET_NAMES, "sampler": SAMPLER_NAMES}
 DTYPE_CHOICES = ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 ATTENTION_CHOICES = ("auto", "sdpa", "flash", "sage")
 
@@ -70,9 +73,16 @@ GENERATION_FLAGS = (
     ("width", int, f"output width in pixels, as --height ({PRESET}, e.g. 848 for t2v)"),
     ("num_inference_steps", int, f"renderer denoising steps, at least 1 ({PRESET}, e.g. 40 for Bernini-R, 50 for "
                                  "full-Bernini t2v)"),
+    ("preset", str, "official = the release's settings per task; fast = for step-distilled experts (e.g. the "
+                    "lightx2v 4-step LoRAs): --guidance_mode none, 4 steps, --sampler distill, shift 5.0, the "
+                    "low-noise expert from step 2; other flags still override it (default: official)"),
     ("guidance_mode", str, "guidance mode; Bernini-R: " + ", ".join(RENDERER_GUIDANCE_MODES) + "; full Bernini: "
-                           + ", ".join(FULL_GUIDANCE_MODES) + f" ({PRESET}, e.g. t2v_apg for Bernini-R t2v, "
-                           "vae_txt_vit_wapg for full Bernini)"),
+                           + ", ".join(FULL_GUIDANCE_MODES) + f"; both: {NO_GUIDANCE} = one pass per step, no "
+                           f"guidance ({PRESET}, e.g. t2v_apg for Bernini-R t2v, vae_txt_vit_wapg for full Bernini)"),
+    ("sampler", str, "unipc (official), euler (the official fallback, as --no-use_unipc) or distill (lightx2v's "
+                     "step-distill sampler) (default: unipc; distill with --preset fast)"),
+    ("boundary_step_index", int, "steps run by the high-noise expert before the low-noise one takes over (default: "
+                                 "the timestep rule, t < 875; with --preset fast half the steps rounded up, 2 of 4)"),
     ("omega_vid", float, f"guidance weight of the source-video term ({PRESET}, e.g. 1.25 for Bernini-R)"),
     ("omega_img", float, f"guidance weight of the source-image term ({PRESET}, e.g. 4.5 for Bernini-R)"),
     ("omega_txt", float, f"guidance weight of the text term ({PRESET}, e.g. 4.0 for Bernini-R)"),
@@ -162,6 +172,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    "sage (quantised) only when asked (default: %(default)s)")
     g.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
                    help="keep only the running model on the GPU (default: on)")
+    g.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH[:high|low|both]]",
+                   help="merge a LoRA (.safetensors; ComfyUI/original Wan, kohya/musubi, diffusers/PEFT or lightx2v "
+                   "diff keys) into the DiT experts at STRENGTH (default 1.0), into the high-noise, low-noise or "
+                   "both experts (default: both; a one-expert 1.3B renderer takes high or both); repeat the flag to "
+                   "chain LoRAs, e.g. --lora distill_high.safetensors:1:high --lora distill_low.safetensors:1:low "
+                   "(default: none)")
 
     g = gen.add_argument_group("input")
     g.add_argument("--case", default=None, help="JSON case file (keys: %s; default: none)" % ", ".join(CASE_KEYS))
@@ -207,7 +223,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
     g = gen.add_argument_group("generation (default: the task's official preset)")
     for name, kind, text in GENERATION_FLAGS:
-        choices = GUIDANCE_MODES if name == "guidance_mode" else None
+        choices = FLAG_CHOICES.get(name)
         g.add_argument(f"--{name}", type=kind, default=None, choices=choices, help=text)
     g.add_argument("--norm_threshold", type=float, nargs="+", default=None,
                    help="Bernini-R APG modes: norm threshold per guidance term (default: 50 50 50, the official; "
@@ -402,7 +418,8 @@ def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str
     from .pipeline import vae_tiling
     from .memory_estimate import check_fits
     from .runtime import resolve_device
-    from .tasks import bernini_preset, check_mode_sources, check_sources, renderer_preset, resolve_settings
+    from .tasks import (bernini_preset, check_mode_sources, check_sources, ignored_by_mode, renderer_preset,
+                        resolve_settings)
 
     task = run.get("task_type") or args.task_type
     spec = get_task(task)
@@ -447,7 +464,10 @@ def _check_run(args, run: dict, family: str, version: Optional[str], prefix: str
         from .sampling.guidance import RendererGuidance as Guidance
     else:
         from .sampling.guidance_full import FullGuidance as Guidance
-    check_scheduler(Guidance(mode), mode, args.use_unipc)
+    check_scheduler(Guidance(mode), mode, args.use_unipc, settings.get("sampler"))
+    for name in ignored_by_mode(settings, overrides):
+        log.warning("%s--%s is ignored: --guidance_mode none runs one pass per step and reads no guidance weights.",
+                    prefix, name)
     check_mode_sources(mode, n_videos=len(videos), n_images=len(refs) + int(has_image), task=task,
                        where="--guidance_mode")
 
@@ -531,6 +551,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     tasks = load_tasks(args)
     family, version = model_family(args)
     check_runs(args, tasks, family, version)  # before the model loads: a typo costs nothing
+    args.lora_specs = check_cli_loras(args)
     env = distributed_env()
     check_parallel_flags(args, env)
     if args.gpus and env is None:  # start the ranks here; each runs this command under the launcher's environment
@@ -549,6 +570,15 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         with progress_bars(getattr(args, "quiet", False) or not leader) as bars:
             written = _generate(args, config, runs, len(tasks), device, parallel, bars, leader)
     return written
+
+
+def check_cli_loras(args: argparse.Namespace) -> list:
+    """The --lora flags as LoraSpec objects, each file checked to be a readable LoRA, before the model loads."""
+    if not args.lora:
+        return []
+    from .lora import check_loras, parse_lora_arg
+
+    return check_loras([parse_lora_arg(text) for text in args.lora])
 
 
 def check_parallel_flags(args: argparse.Namespace, env) -> None:
@@ -630,6 +660,7 @@ def _generate(args, config, runs, count, device, parallel, bars, leader) -> list
             device=device,
             parallel=parallel,
             fsdp=args.fsdp,
+            loras=getattr(args, "lora_specs", None) or None,
             dtype=args.dtype,
             attention=args.attention,
             offload=args.offload,

@@ -8,6 +8,7 @@ without it the package imports and every function here falls back to the standal
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -22,7 +23,10 @@ from .errors import BerniniError
 from .runtime import ModelHandle, Runtime, module_bytes, resolve_device
 
 MODEL_FOLDER = "bernini"  # models/bernini/<official folder with config.json>
-FILE_KINDS = ("diffusion_models", "text_encoders", "vae")
+FILE_KINDS = ("diffusion_models", "text_encoders", "vae", "loras")
+# ComfyUI lists only its own weight formats (folder_paths.supported_pt_extensions, no .gguf) under diffusion_models;
+# GGUF experts are listed from the same folders through a kind of our own (ComfyUI-GGUF registers "unet_gguf" alike).
+GGUF_KIND = "bernini_gguf_diffusion_models"
 TEXT_ENCODER_HANDLES = ("umt5", "t5", "text_encoder")
 VAE_HANDLES = ("vae",)
 OPS_LAYERS = ("Linear", "Conv2d", "Conv3d", "LayerNorm", "GroupNorm", "Embedding")
@@ -84,6 +88,9 @@ def _load_models(handles, memory_required: int = 0) -> None:
     _model_management().load_models_gpu([h.patcher for h in handles], **kwargs)
 
 
+PATCHER_PREFIX = "inner."  # our module's parameter names as ComfyUI's patcher sees them (_PatcherModel.inner)
+
+
 class _PatcherModel(torch.nn.Module):
     """What a ModelPatcher owns: our module as its only child. ComfyUI writes bookkeeping attributes on the model
     it patches (`device`, `model_loaded_weight_memory`, ...); a transformers model's read-only `device` refuses."""
@@ -91,6 +98,89 @@ class _PatcherModel(torch.nn.Module):
     def __init__(self, module: torch.nn.Module):
         super().__init__()
         self.inner = module
+
+
+@functools.lru_cache(maxsize=4)  # one subclass per ComfyUI patcher class: stable, built once
+def _patcher_class(base):
+    """ComfyUI's (Core)ModelPatcher, taught about quantised layers (GGUF experts, bernini_core/gguf): their weight
+    is packed bytes that ComfyUI's weight patching cannot add a LoRA to. As ComfyUI-GGUF does, such a layer's
+    patches are applied after dequantisation, in its forward: loading the patcher hangs one ComfyUI LowVramPatch
+    (which computes comfy.lora.calculate_weight over the patcher's patches) on the layer's `weight_function`, and
+    unpatching takes it off again, so the packed bytes themselves never change."""
+
+    class BerniniModelPatcher(base):
+        def patch_weight_to_device(self, key, *args, **kwargs):
+            layer = _quantised_layer(self.model, key)
+            if layer is None:
+                return super().patch_weight_to_device(key, *args, **kwargs)
+            # packed bytes: never cast or patched here (the patches apply in the layer's forward)
+            return layer.weight if kwargs.get("return_weight") else None
+
+        def load(self, *args, **kwargs):
+            result = super().load(*args, **kwargs)
+            _attach_quantised_patches(self)
+            return result
+
+        def unpatch_model(self, *args, **kwargs):
+            result = super().unpatch_model(*args, **kwargs)
+            _detach_quantised_patches(self)
+            return result
+
+    BerniniModelPatcher.__name__ = BerniniModelPatcher.__qualname__ = f"Bernini{base.__name__}"
+    return BerniniModelPatcher
+
+
+def _quantised_layer(model: torch.nn.Module, key: str) -> Optional[torch.nn.Module]:
+    """The quantised layer whose packed weight `key` names, or None."""
+    path, _, leaf = key.rpartition(".")
+    if leaf != "weight":
+        return None
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    return module if getattr(module, "bernini_quantized", False) else None
+
+
+def _quantised_layers(patcher) -> Iterator[tuple[str, torch.nn.Module]]:
+    for name, module in patcher.model.named_modules():
+        if getattr(module, "bernini_quantized", False):
+            yield f"{name}.weight", module
+
+
+def _attach_quantised_patches(patcher) -> None:
+    from comfy.model_patcher import LowVramPatch
+
+    for key, module in _quantised_layers(patcher):
+        module.weight_function = [LowVramPatch(key, patcher.patches)] if key in patcher.patches else []
+
+
+def _detach_quantised_patches(patcher) -> None:
+    for _, module in _quantised_layers(patcher):
+        module.weight_function = []
+
+
+def lora_patches(lora_state: dict, to_load: dict) -> dict:
+    """ComfyUI's own LoRA reader (comfy.lora.load_lora) over `to_load` {LoRA module name: patcher key}: the patches
+    ComfyUI's LoraLoader would make, with its rank/alpha rules and every adapter kind it knows."""
+    import comfy.lora
+
+    try:
+        return comfy.lora.load_lora(lora_state, to_load, log_missing=False)
+    except TypeError:  # ComfyUI before log_missing (2025)
+        return comfy.lora.load_lora(lora_state, to_load)
+
+
+def patched_handle(handle: "PatcherHandle", patches: dict, strength: float) -> "PatcherHandle":
+    """A handle over a clone of `handle`'s patcher carrying `patches` at `strength`: ComfyUI patches the shared module
+    when the clone loads and restores the original weights when another clone of it loads (native LoRA behaviour;
+    no reload from disk)."""
+    if not isinstance(handle, PatcherHandle):
+        raise BerniniError("LoRA patches apply to models held by ComfyUI's model management; outside ComfyUI merge "
+                           "LoRAs at load time (BerniniPipeline.from_pretrained(loras=...), CLI --lora).")
+    clone = handle.patcher.clone()
+    clone.add_patches(patches, strength)
+    return dataclasses.replace(handle, patcher=clone)
 
 
 @dataclass
@@ -134,7 +224,7 @@ class ComfyRuntime(Runtime):
         import comfy.model_patcher as model_patcher
 
         # CoreModelPatcher is ModelPatcherDynamic where ComfyUI's dynamic VRAM is on (docs/node_contract.md §6).
-        patcher_class = getattr(model_patcher, "CoreModelPatcher", model_patcher.ModelPatcher)
+        patcher_class = _patcher_class(getattr(model_patcher, "CoreModelPatcher", model_patcher.ModelPatcher))
         patcher = patcher_class(_PatcherModel(module), load_device=load_device, offload_device=offload_device,
                                 size=module_bytes(module))
         handle = PatcherHandle(name, module, load_device, offload_device, patcher=patcher,
@@ -285,7 +375,21 @@ def list_models(kind: str) -> list[str]:
         return list(dict.fromkeys(name for root in _bernini_roots() for name in _model_dirs(root)))
     import folder_paths
 
-    return list(folder_paths.get_filename_list(kind))
+    names = list(folder_paths.get_filename_list(kind))
+    if kind == "diffusion_models":
+        _register_gguf_kind()
+        names += [n for n in folder_paths.get_filename_list(GGUF_KIND) if n not in names]
+    return names
+
+
+def _register_gguf_kind() -> None:
+    """GGUF_KIND: the diffusion_models folders (as configured now, extra_model_paths included) with .gguf files."""
+    import folder_paths
+
+    paths = folder_paths.get_folder_paths("diffusion_models")
+    known = folder_paths.folder_names_and_paths.get(GGUF_KIND)
+    if known is None or list(known[0]) != list(paths):
+        folder_paths.folder_names_and_paths[GGUF_KIND] = (list(paths), {".gguf"})
 
 
 def model_path(kind: str, name: str) -> Path:
@@ -307,8 +411,12 @@ def model_path(kind: str, name: str) -> Path:
         raise BerniniError(
             f"Bernini model folder {name!r} was not found: put the official folder (e.g. Bernini-R-Diffusers, "
             f"with its config.json) in models/{MODEL_FOLDER}/ (searched: {', '.join(map(str, roots)) or 'none'}).")
+    lookup = kind
+    if kind == "diffusion_models" and str(name).lower().endswith(".gguf"):
+        _register_gguf_kind()
+        lookup = GGUF_KIND
     try:
-        return Path(folder_paths.get_full_path_or_raise(kind, name))
+        return Path(folder_paths.get_full_path_or_raise(lookup, name))
     except FileNotFoundError:
         raise BerniniError(f"{kind} file {name!r} was not found: put it in models/{kind}/ "
                            f"(searched: {', '.join(folder_paths.get_folder_paths(kind))}).") from None

@@ -2,7 +2,8 @@
 
 Mirrors `GEN_Wanx22.sample` of the official renderer (docs/official_behaviour.md §4.2–§4.7, §7.1):
 * initial noise from a CPU generator seeded with `seed`, float32, shape [1,16,T,H/8,W/8];
-* the high-noise expert while t ≥ boundary·1000, the low-noise one after; at the first
+* the high-noise expert while t ≥ boundary·1000 (or, with `switch_step`, for the first `switch_step` steps: the
+  distill schedule's boundary_step_index, docs/fast_sampling.md), the low-noise one after; at the first
   low-noise step omega_vid/img/txt are multiplied once by `omega_scale` and the idle
   expert is offloaded;
 * source combos (docs/official_behaviour.md §4.3): V = the first video only (sid 1); I = the images with their own ids
@@ -86,10 +87,15 @@ def check_geometry(height: int, width: int) -> None:
         raise BerniniError(f"height/width must be multiples of 16, got {height}x{width}.")
 
 
-def check_scheduler(guidance, guidance_mode: str, use_unipc: bool) -> None:
-    if guidance.uses_apg and not use_unipc:
+def check_scheduler(guidance, guidance_mode: str, use_unipc: bool, sampler: Optional[str] = None) -> None:
+    """`sampler`: the settings' sampler (None = the official choice, UniPC unless `use_unipc` is off)."""
+    euler = sampler == "euler" or (sampler is None and not use_unipc)
+    if guidance.uses_apg and euler:
         # The official CLI: UniPC is required by the *_apg modes (the Euler schedule ends at sigma 0,
-        # where the x-space conversion divides by zero).
+        # where the x-space conversion divides by zero). The distill schedule's sigmas are all above 0.
+        if sampler == "euler":
+            raise BerniniError(f"guidance_mode {guidance_mode!r} needs sampler unipc or distill (Euler's last sigma is "
+                               "0); choose another sampler or a mode without APG.")
         raise BerniniError(f"guidance_mode {guidance_mode!r} needs the UniPC scheduler; drop --no-use_unipc "
                            "or choose a mode without APG.")
 
@@ -112,8 +118,14 @@ def denoise(
     use_unipc: bool = True,
     on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
     parallel: Optional[ParallelState] = None,
+    sampler: Optional[str] = None,
+    switch_step: Optional[int] = None,
 ) -> torch.Tensor:
     """The guided sampling loop shared by both families; returns the normalised float32 latent on the CPU.
+
+    `sampler`: "unipc" | "euler" | "distill" (None: the official choice by `use_unipc`). `switch_step`: the
+    low-noise expert takes over at this step index (lightx2v's boundary_step_index) instead of at the first
+    timestep below `experts.boundary`·1000 (None, the official rule).
 
     `guidance.arms(omegas)` names, per step, the DiT calls to make: each arm's `combo` selects the source
     streams (`combos`) and its context key (`text` for Bernini-R arms, `context` for full-Bernini arms)
@@ -126,7 +138,7 @@ def denoise(
     """
     parallel = ParallelState.single() if parallel is None else parallel
     arm_groups = parallel.cfg_size
-    scheduler = make_scheduler(use_unipc, flow_shift)
+    scheduler = make_scheduler(use_unipc, flow_shift, sampler)
     scheduler.set_timesteps(int(num_inference_steps))
     device = experts.high.load_device  # where the experts run (ComfyUI may differ from runtime.device)
     sample = initial_noise(seed, num_frames, height, width).to(device)
@@ -160,7 +172,8 @@ def denoise(
     rows = max((ctx.shape[-2] for ctx in contexts.values()), default=512)
     if parallel.is_parallel:  # a rank given other inputs would silently desynchronise (or hang) the group
         check_identical(_run_signature(guidance, combos, contexts, omegas, num_frames, height, width,
-                                       num_inference_steps, flow_shift, omega_scale, seed, use_unipc, experts),
+                                       num_inference_steps, flow_shift, omega_scale, seed, use_unipc, sampler,
+                                       switch_step, experts),
                         parallel.replica_group, "the sampling inputs (combos, contexts, settings)", device)
 
     def load(handle: ModelHandle):
@@ -172,7 +185,8 @@ def denoise(
     try:
         for index, t in enumerate(scheduler.timesteps):
             runtime.check_interrupt()
-            if experts.low is not None and not switched and float(t) < boundary_t:
+            low_now = float(t) < boundary_t if switch_step is None else index >= switch_step
+            if experts.low is not None and not switched and low_now:
                 runtime.release(current)
                 current, switched = experts.low, True
                 dit = load(current)
@@ -274,13 +288,15 @@ def renderer_denoise(
     interpolate_src_id: bool = True,
     on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
     parallel: Optional[ParallelState] = None,
+    sampler: Optional[str] = None,
+    switch_step: Optional[int] = None,
 ) -> torch.Tensor:
     """Bernini-R sampling (`GEN_Wanx22.sample`): contexts = positive / negative UMT5 features padded to 512.
-    `parallel`: see `denoise`."""
+    `parallel`, `sampler`, `switch_step`: see `denoise`."""
     check_geometry(height, width)
     thresholds = (norm_threshold,) if isinstance(norm_threshold, (int, float)) else tuple(norm_threshold)
     guidance = RendererGuidance(guidance_mode, APGConfig(eta=eta, momentum=momentum, norm_threshold=thresholds))
-    check_scheduler(guidance, guidance_mode, use_unipc)
+    check_scheduler(guidance, guidance_mode, use_unipc, sampler)
     combos = renderer_combos(sources, use_source_ids=use_source_ids, max_trained=max_trained_src_id,
                              interpolate=interpolate_src_id)
     contexts = {"pos": pad_context([embeds.positive]), "neg": pad_context([embeds.negative])}
@@ -288,5 +304,5 @@ def renderer_denoise(
         experts, guidance, combos, contexts, Omegas(vid=omega_vid, img=omega_img, txt=omega_txt),
         num_frames=num_frames, height=height, width=width, num_inference_steps=num_inference_steps,
         flow_shift=flow_shift, omega_scale=omega_scale, seed=seed, runtime=runtime, use_unipc=use_unipc,
-        on_step=on_step, parallel=parallel,
+        on_step=on_step, parallel=parallel, sampler=sampler, switch_step=switch_step,
     )

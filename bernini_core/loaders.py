@@ -177,7 +177,13 @@ def load_dit_file(
     attention: str = "auto",
 ) -> BerniniDiT:
     """One expert from a single .safetensors file (ComfyUI's original Wan names or diffusers names;
-    bf16/fp16/fp32, or fp8 e4m3fn "scaled": dequantised to `dtype`, or kept fp8 with `keep_fp8`)."""
+    bf16/fp16/fp32, or fp8 e4m3fn "scaled": dequantised to `dtype`, or kept fp8 with `keep_fp8`) or from a .gguf
+    file (ComfyUI-GGUF layout; Linear weights stay quantised, bernini_core/gguf)."""
+    if is_gguf_path(path):
+        from .gguf import load_gguf_dit
+
+        return load_gguf_dit(path, dtype=dtype, keep_fp32_islands=keep_fp32_islands, head_dim=head_dim, ops=ops,
+                             attention=attention)
     source = TensorSource.open(path)
     fp8 = fp8_format_of(source) is not None  # also rejects nvfp4 / int8 files with a clear message
     key_map = _single_file_key_map(source.keys())
@@ -193,6 +199,11 @@ def load_dit_file(
         shards = (dequantize_fp8_state(s, dtype) if has_fp8_weights(s) else s for s in source.iter_shards())
     return build_dit(config, shards, dtype=dtype, keep_fp32_islands=keep_fp32_islands, key_map=key_map,
                      ops=ops, attention=attention, origin=str(path))
+
+
+def is_gguf_path(path) -> bool:
+    """A .gguf expert file (read by bernini_core/gguf instead of as safetensors)."""
+    return str(path).lower().endswith(".gguf")
 
 
 def _single_file_key_map(keys):
@@ -366,15 +377,26 @@ def _load_split(path: Path, high: Path, low: Path, dtype, attention, overrides, 
         dit_config = read_dit_config(base / "transformer" / "config.json")
         low_config_file = base / "transformer_2" / "config.json"
         low_config = read_dit_config(low_config_file) if low_config_file.is_file() else dit_config
-        high_source, low_source = split_checkpoint_source(high, "high"), split_checkpoint_source(low, "low")
+        # a .gguf expert (ComfyUI-GGUF layout) loads through bernini_core/gguf with the base folder's config
+        high_source, low_source = (ckpt if is_gguf_path(ckpt) else split_checkpoint_source(ckpt, which)
+                                   for ckpt, which in ((high, "high"), (low, "low")))
     check_renderer_files(base, (), parts)
     steps = StageSteps(progress, "load", _load_steps(parts, 2))  # two experts, UMT5, VAE
     if "experts" in parts:
-        dit_high = build_dit(dit_config, high_source, dtype=dtype, attention=attention, ops=ops, origin=str(high))
+        dit_high = _build_split_expert(dit_config, high_source, high, dtype, attention, ops)
         steps.advance()
-        dit_low = build_dit(low_config, low_source, dtype=dtype, attention=attention, ops=ops, origin=str(low))
+        dit_low = _build_split_expert(low_config, low_source, low, dtype, attention, ops)
         steps.advance()
     return _with_text_encoder_and_vae(config, dit_high, dit_low, base, dtype, ops, steps, parts)
+
+
+def _build_split_expert(config: DiTConfig, source, path: Path, dtype, attention, ops) -> BerniniDiT:
+    """One expert of a split load: `source` is a TensorSource, or the path of a .gguf expert."""
+    if isinstance(source, TensorSource):
+        return build_dit(config, source, dtype=dtype, attention=attention, ops=ops, origin=str(path))
+    from .gguf import load_gguf_dit
+
+    return load_gguf_dit(source, dtype=dtype, attention=attention, ops=ops, config=config)
 
 
 def _with_text_encoder_and_vae(config, dit_high, dit_low, folder: Path, dtype, ops,

@@ -24,20 +24,30 @@ from .node_models import (  # re-exported: the nodes use node_api only
     ATTENTION_CHOICES, DOWNLOAD_CHOICES, FULL_FAMILY, NONE, OFFICIAL_FULL, OFFICIAL_RENDERERS, PLANNER_DTYPES,
     RENDERER_DTYPES, RENDERER_FAMILY, SINGLE_FILES, Conditioning, PlannerModel, RendererModel, SourcesBundle,
     TextEncoderModel, VAEModel, file_choices, load_planner, load_renderer, log, planner_choices, renderer_choices)
+from .lora.node_patches import apply_lora
 from .sampling.guidance import RENDERER_MODES
 from .sampling.guidance_full import FULL_MODES
-from .tasks import (RENDERER_NEGATIVE_KIND, TASK_NAMES, SourceInputs, bernini_preset, check_numbers, check_sources,
-                    get_task)
+from .tasks import (NO_GUIDANCE, PRESET_NAMES, RENDERER_NEGATIVE_KIND, SAMPLER_NAMES, TASK_NAMES, SourceInputs,
+                    bernini_preset, check_numbers, check_sources, get_task, ignored_by_mode)
 
 __all__ = [
     "ATTENTION_CHOICES", "DOWNLOAD_CHOICES", "FULL_FAMILY", "GUIDANCE_CHOICES", "NONE", "OFFICIAL_FULL",
     "OFFICIAL_RENDERERS", "PLANNER_DTYPES", "RENDERER_DTYPES", "RENDERER_FAMILY", "SINGLE_FILES", "TASKS",
     "Conditioning", "PlannerModel", "RendererModel", "SourcesBundle", "TextEncoderModel", "VAEModel", "decode",
     "apg_settings", "default_negative_prompt", "encode_prompt", "file_choices", "load_planner", "load_renderer", "plan",
-    "planner_choices", "prepare_sources", "renderer_choices", "sample"]
+    "planner_choices", "prepare_sources", "renderer_choices", "sample", "apply_lora", "lora_choices"]
 
 TASKS = TASK_NAMES
-GUIDANCE_CHOICES = ("auto",) + RENDERER_MODES + tuple(m for m in FULL_MODES if m not in RENDERER_MODES)
+
+
+def lora_choices() -> list[str]:
+    """The LoRA files ComfyUI finds in models/loras (its own list; empty outside ComfyUI)."""
+    return list(comfy_bridge.list_models("loras"))
+
+
+GUIDANCE_CHOICES = ("auto",) + RENDERER_MODES + tuple(m for m in FULL_MODES if m not in RENDERER_MODES) + (NO_GUIDANCE,)
+PRESET_CHOICES = PRESET_NAMES  # Sample Bernini Video: official (default) | fast (distill LoRAs)
+SAMPLER_CHOICES = ("auto",) + SAMPLER_NAMES  # auto = the preset's (official: the model's UniPC; fast: distill)
 
 
 # ---------------------------------------------------------------------------- prompt
@@ -240,7 +250,7 @@ def _check_renderer_inputs(renderer: RendererModel, conditioning: Conditioning, 
 def _guidance_mode(renderer: RendererModel, guidance_mode: str, preset: dict) -> Optional[str]:
     if guidance_mode in (None, "", "auto"):
         return None
-    valid = RENDERER_MODES if renderer.family == RENDERER_FAMILY else FULL_MODES
+    valid = (RENDERER_MODES if renderer.family == RENDERER_FAMILY else FULL_MODES) + (NO_GUIDANCE,)
     if guidance_mode not in valid:
         if guidance_mode in FULL_MODES or guidance_mode in RENDERER_MODES:
             kind = "full-Bernini" if guidance_mode in FULL_MODES else "Bernini-R"
@@ -263,12 +273,14 @@ def apg_settings(eta: float = 0.5, momentum: float = 0.0, norm_threshold: float 
 def sample(renderer: RendererModel, conditioning: Conditioning, sources: SourcesBundle, guidance_mode: str = "auto",
            steps: int = 0, flow_shift: float = 0.0, omega_vid: float = -1.0, omega_img: float = -1.0,
            omega_txt: float = -1.0, omega_tgt: float = -1.0, omega_scale: float = -1.0, seed: int = 42,
-           expert_boundary: float = -1.0, apg: Optional[dict] = None) -> dict:
+           expert_boundary: float = -1.0, apg: Optional[dict] = None, preset: str = "official",
+           sampler: str = "auto") -> dict:
     """Guided denoising with the task preset overridden by every non-sentinel widget; returns ComfyUI's LATENT
-    with RAW (un-normalised) Wan 2.1 latents [1,16,T,H/8,W/8] on the intermediate device."""
+    with RAW (un-normalised) Wan 2.1 latents [1,16,T,H/8,W/8] on the intermediate device. `preset` "fast" starts
+    from the distill-LoRA settings (tasks.FAST_OVERRIDES); `sampler` "auto" keeps the preset's."""
     _check_renderer_inputs(renderer, conditioning, sources)
     pipe, task = renderer.pipeline, conditioning.task
-    preset = pipe.default_settings(task)
+    task_preset = pipe.default_settings(task)
 
     def given(value, sentinel_below: float):
         return None if value is None or value < sentinel_below else value
@@ -276,9 +288,10 @@ def sample(renderer: RendererModel, conditioning: Conditioning, sources: Sources
     overrides = {
         "num_frames": sources.num_frames, "height": sources.height, "width": sources.width,
         "max_image_size": sources.max_image_size, "fps": sources.fps, "seed": int(seed),
-        "guidance_mode": _guidance_mode(renderer, guidance_mode, preset),
+        "guidance_mode": _guidance_mode(renderer, guidance_mode, task_preset),
         "num_inference_steps": int(steps) if steps else None,
         "flow_shift": float(flow_shift) if flow_shift else None,
+        "preset": preset or None, "sampler": None if sampler in (None, "", "auto") else sampler,
         **{name: given(value, 0) for name, value in (("omega_vid", omega_vid), ("omega_img", omega_img),
                                                      ("omega_txt", omega_txt), ("omega_tgt", omega_tgt),
                                                      ("omega_scale", omega_scale))},
@@ -290,6 +303,13 @@ def sample(renderer: RendererModel, conditioning: Conditioning, sources: Sources
                                "disconnect Bernini APG Settings.")
         overrides.update(apg)
     settings = pipe.resolve(task, overrides)
+    if expert_boundary is not None and expert_boundary >= 0:  # the widget's timestep boundary beats a step index
+        settings["boundary_step_index"] = None
+    for name in ignored_by_mode(settings, overrides):
+        log.warning("Sample Bernini Video: %s is ignored: guidance_mode 'none' reads no guidance weights.", name)
+    if renderer.experts is not None:  # Apply Bernini LoRA: the experts' patched clones
+        pipe = copy.copy(pipe)
+        pipe.experts = renderer.experts
     pipe = _with_expert_boundary(pipe, expert_boundary)
     if renderer.family == FULL_FAMILY:
         latents = pipe.sample(conditioning.plan, sources.sources, settings)

@@ -47,8 +47,18 @@ class _ModelRef:
         return model_label(self.family, self.version)
 
 
+@dataclass(eq=False)
 class RendererModel(_ModelRef):
-    """BERNINI_RENDERER: the DiT experts (+ config) of one loaded model."""
+    """BERNINI_RENDERER: the DiT experts (+ config) of one loaded model. After Apply Bernini LoRA, `experts` holds
+    the experts' handles over patched clones of ComfyUI's patchers (the pipeline's own handles stay unpatched) and
+    `loras` the LoRAs applied, in order, as (file name, strength high, strength low)."""
+
+    experts: Any = None  # denoise.Experts, or None: the pipeline's own
+    loras: tuple = ()
+
+    @property
+    def effective_experts(self):
+        return self.experts if self.experts is not None else self.pipeline.experts
 
 
 class TextEncoderModel(_ModelRef):

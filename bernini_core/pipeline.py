@@ -28,8 +28,8 @@ from .progress import Progress, StageSteps
 from .runtime import Runtime, resolve_dtype
 from .sampling.guidance import RendererGuidance
 from .stages import BerniniOutput, PromptEmbeds, Sources
-from .tasks import (IGNORED_SETTINGS, check_mode_sources, check_sources, check_text, get_task, renderer_preset,
-                    resolve_settings)
+from .tasks import (IGNORED_SETTINGS, check_mode_sources, check_sources, check_text, get_task, ignored_by_mode,
+                    renderer_preset, resolve_settings)
 from .text_encoder import negative_prompt, t5_negative_text, t5_positive_text
 
 log = logging.getLogger("bernini.pipeline")
@@ -44,6 +44,7 @@ CALL_KEYWORDS = frozenset(
         "vit_denoising_step", "vit_txt_cfg", "vit_img_cfg", "flow_shift", "eta", "momentum",
         "norm_threshold", "neg_prompt", "system_prompt", "fps", "video_fps", "seed",
         "vae_tile_px", "vae_tile_overlap_px",  # ours: tiled VAE to bound memory at 720p+ (0 = off, the official)
+        "preset", "sampler", "boundary_step_index",  # ours: fast sampling for distill LoRAs (docs/fast_sampling.md)
     }
 )
 
@@ -221,6 +222,9 @@ class BerniniPipeline:
         for name in given:
             if name in IGNORED_SETTINGS[family]:
                 log.warning("%s is ignored: %s.", name, IGNORED_SETTINGS[family][name])
+        for name in ignored_by_mode(settings, given):
+            log.warning("%s is ignored: guidance_mode 'none' runs one pass per step and reads no guidance weights.",
+                        name)
         spec = get_task(task)
         check_text(prompt, "prompt", required=True)
         for name in ("neg_prompt", "system_prompt"):
@@ -314,6 +318,7 @@ class RendererPipeline(BerniniPipeline):
         parts=None,
         parallel: Optional[ParallelState] = None,
         fsdp: bool = False,
+        loras=None,
         **config_overrides,
     ) -> "RendererPipeline":
         """``progress(stage, step, total)``: stage "load", one step per component (bernini_core/progress.py).
@@ -321,9 +326,13 @@ class RendererPipeline(BerniniPipeline):
         ``parts``: None (every part) or some of "experts", "text_encoder", "vae" (loaders.load_renderer); a stage
         that needs a part not loaded raises a BerniniError saying so. ``sample`` needs only the experts.
         ``parallel``: this rank's ``ParallelState`` in a multi-process run (``use_parallel``); ranks that do not lead
-        their group then load only the experts."""
+        their group then load only the experts.
+        ``loras``: LoRAs merged into the experts right after they load (bernini_core/lora): LoraSpec objects or
+        ``FILE[:STRENGTH[:high|low|both]]`` texts, checked before the load."""
         from .loaders import load_renderer
+        from .lora import apply_loras_, check_loras
 
+        lora_specs = check_loras(loras)
         parallel = None if parallel is None else as_parallel_state(parallel)
         if parallel is not None and parts is None and not parallel.is_replica_leader:
             parts = ("experts",)
@@ -339,6 +348,8 @@ class RendererPipeline(BerniniPipeline):
             progress=progress,
             parts=parts,
         )
+        if lora_specs and components.dit_high is not None:  # before any sharding: merged into whole weights
+            apply_loras_(components, lora_specs, compute_device=runtime.device)
         pipe = cls(components, runtime)
         if parallel is not None:
             pipe.use_parallel(parallel, fsdp=fsdp)
@@ -467,6 +478,8 @@ class RendererPipeline(BerniniPipeline):
             interpolate_src_id=cfg.interpolate_src_id,
             on_step=on_step,
             parallel=self.parallel,
+            sampler=settings.get("sampler"),
+            switch_step=settings.get("boundary_step_index"),
         )
 
     def output_geometry(self, sources: Sources, settings: dict[str, Any]) -> tuple[int, int, int]:

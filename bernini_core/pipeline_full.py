@@ -129,13 +129,17 @@ class FullPipeline(BerniniPipeline):
     def from_pretrained(cls, path, *, device="auto", dtype="bf16", attention: str = "auto", offload: bool = True,
                         high_noise_ckpt=None, low_noise_ckpt=None, progress: Optional[Progress] = None,
                         parts=None, parallel: Optional[ParallelState] = None, fsdp: bool = False,
-                        **config_overrides) -> "FullPipeline":
+                        loras=None, **config_overrides) -> "FullPipeline":
         """``progress(stage, step, total)``: stage "load", one step per component (bernini_core/progress.py).
 
         ``parts``: None (every part) or some of "experts", "text_encoder", "vae", "planner" (loaders_full.load_full);
         a stage that needs a part not loaded raises a BerniniError saying so. ``sample`` needs only the experts.
-        ``parallel``: as in ``RendererPipeline.from_pretrained`` (the planner, too, runs on the group leader only)."""
+        ``parallel``: as in ``RendererPipeline.from_pretrained`` (the planner, too, runs on the group leader only).
+        ``loras``: as in ``RendererPipeline.from_pretrained`` (merged into the two experts right after the load)."""
         from .loaders_full import CLI_OVERRIDES, load_full
+        from .lora import apply_loras_, check_loras
+
+        lora_specs = check_loras(loras)
 
         parallel = None if parallel is None else as_parallel_state(parallel)
         if parallel is not None and parts is None and not parallel.is_replica_leader:
@@ -150,6 +154,8 @@ class FullPipeline(BerniniPipeline):
         runtime = Runtime(device, offload=offload)  # a device this machine lacks is refused before the load
         components = load_full(path, dtype=dtype, attention=attention, overrides=overrides, progress=progress,
                                parts=parts)
+        if lora_specs and components.dit_high is not None:  # before any sharding: merged into whole weights
+            apply_loras_(components, lora_specs, compute_device=runtime.device)
         pipe = cls(components, runtime, dtype)
         if parallel is not None:
             pipe.use_parallel(parallel, fsdp=fsdp)
@@ -334,7 +340,7 @@ class FullPipeline(BerniniPipeline):
         num_frames, height, width = self.output_geometry(sources, settings)
         check_geometry(height, width)
         guidance = FullGuidance(settings["guidance_mode"])
-        check_scheduler(guidance, settings["guidance_mode"], self.config.use_unipc)
+        check_scheduler(guidance, settings["guidance_mode"], self.config.use_unipc, settings.get("sampler"))
         check_mode_sources(settings["guidance_mode"], n_videos=len(sources.videos), n_images=len(sources.images),
                            task=sources.task)
         self.check_render_memory(num_frames, height, width, sum(lat[0, 0].numel() // 4 for lat in
@@ -358,7 +364,8 @@ class FullPipeline(BerniniPipeline):
             self.experts, guidance, combos, plan_.contexts, omegas, num_frames=num_frames, height=height,
             width=width, num_inference_steps=settings["num_inference_steps"], flow_shift=settings["flow_shift"],
             omega_scale=settings["omega_scale"], seed=settings["seed"], runtime=self.runtime,
-            use_unipc=self.config.use_unipc, on_step=on_step, parallel=self.parallel)
+            use_unipc=self.config.use_unipc, on_step=on_step, parallel=self.parallel, sampler=settings.get("sampler"),
+            switch_step=settings.get("boundary_step_index"))
 
     def output_geometry(self, sources: PlannerSources, settings: dict[str, Any]) -> tuple[int, int, int]:
         """Frames = min(num_frames, 1 + 4(T−1)) of the target placeholder; size = height/width if > 0, else the

@@ -182,6 +182,33 @@ class Fp8ScaledLinear(torch.nn.Module):
             return (self.weight.to(torch.float32) * self.scale_weight.to(torch.float32)).to(dtype)
         return self.weight.to(dtype)
 
+    # ComfyUI's ModelPatcher patches a weight through these two hooks when the layer has them
+    # (comfy/model_patcher.py get_key_weight / patch_weight_to_device): it casts a copy of the stored weight to its
+    # LoRA compute dtype, asks `convert_weight` for the real values, adds the patches, then hands the result to
+    # `set_weight`. Re-quantising with the layer's own scale keeps the bytes' meaning, so ComfyUI's backup of the
+    # original fp8 tensor alone restores the layer exactly on unpatch.
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **_) -> torch.Tensor:
+        if not is_fp8(self.weight):
+            return weight
+        scale = self.scale_weight.to(device=weight.device, dtype=weight.dtype)
+        return weight.mul_(scale) if inplace else weight * scale
+
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
+                   **_) -> Optional[torch.Tensor]:
+        del seed  # round to nearest, deterministic (ComfyUI rounds fp8 stochastically from a per-key seed)
+        if is_fp8(self.weight):
+            scale = self.scale_weight.to(device=weight.device, dtype=torch.float32)
+            limit = torch.finfo(self.weight.dtype).max
+            weight = (weight.to(torch.float32) / scale).clamp(-limit, limit)
+        weight = weight.to(self.weight.dtype)
+        if return_weight:
+            return weight
+        if inplace_update:
+            self.weight.data.copy_(weight)
+        else:
+            self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        return None
+
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)

@@ -179,6 +179,62 @@ RENDERER_TASK_OVERRIDES: dict[str, dict[str, Any]] = {
 RENDERER_NEGATIVE_KIND = "default_zh"
 
 
+# --- Samplers and the "fast" preset (docs/fast_sampling.md; not official) ---
+# The renderer's samplers: the official UniPC (default) and Euler fallback, and lightx2v's step-distill sampler
+# (bernini_core/sampling/schedulers.py). A setting of None keeps the model's own choice (its use_unipc).
+SAMPLER_NAMES = ("unipc", "euler", "distill")
+# "none": one DiT pass per step, the arm with every source and the positive context (its output is the velocity).
+NO_GUIDANCE = "none"
+PRESET_NAMES = ("official", "fast")  # "official" (the default) = the tables below, unchanged
+# lightx2v's Wan2.2 A14B 4-step distill configs (configs/distill/wan22/wan_moe_*_distill_*.json): 4 steps at
+# timesteps 1000/750/500/250, sample_shift 5.0, no CFG (enable_cfg false), the low-noise expert from step index 2
+# (boundary_step_index). Every other setting stays the task's official one.
+FAST_OVERRIDES: dict[str, Any] = {
+    "guidance_mode": NO_GUIDANCE,
+    "num_inference_steps": 4,
+    "sampler": "distill",
+    "flow_shift": 5.0,
+    "boundary_step_index": 2,
+}
+# Settings guidance "none" does not read: given explicitly, each gets one warning line.
+NO_GUIDANCE_IGNORES = ("omega_vid", "omega_img", "omega_txt", "omega_tgt", "omega_scale", "eta", "momentum",
+                       "norm_threshold")
+
+
+def apply_preset(preset: Mapping[str, Any], name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The task preset under the named preset kind: "official" returns it unchanged; "fast" overlays
+    FAST_OVERRIDES. A step count given without `boundary_step_index` moves the fast expert switch with it:
+    ⌈steps · 2/4⌉ (lightx2v's 2 of 4 steps on the high-noise expert, the same share for other counts)."""
+    if name not in PRESET_NAMES:
+        raise BerniniError(f"preset {name!r} is unknown; choose one of {', '.join(PRESET_NAMES)} (official = the "
+                           "release's settings, fast = 4 distill steps without guidance, for distill LoRAs).")
+    settings = dict(preset)
+    if name == "fast":
+        settings.update(FAST_OVERRIDES)
+        steps = given.get("num_inference_steps")
+        if steps is not None and given.get("boundary_step_index") is None and _real(steps) and steps >= 1:
+            high, of = FAST_OVERRIDES["boundary_step_index"], FAST_OVERRIDES["num_inference_steps"]
+            settings["boundary_step_index"] = -(-int(steps) * high // of)
+    return settings
+
+
+def ignored_by_mode(settings: Mapping[str, Any], given) -> list[str]:
+    """The explicitly given settings (names, or a mapping whose None values count as not given) the resolved
+    guidance mode does not read: guidance "none" reads no weights."""
+    if settings.get("guidance_mode") != NO_GUIDANCE:
+        return []
+    named = {k for k, v in given.items() if v is not None} if isinstance(given, Mapping) else set(given)
+    return [name for name in NO_GUIDANCE_IGNORES if name in named]
+
+
+def check_choices(settings: Mapping[str, Any]) -> None:
+    """The named-choice settings: preset, sampler (None = the model's own)."""
+    sampler = settings.get("sampler")
+    if sampler is not None and sampler not in SAMPLER_NAMES:
+        raise BerniniError(f"sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLER_NAMES)} (unipc = the "
+                           "official default, distill = lightx2v's step-distill sampler).")
+
+
 def renderer_preset(task: str) -> dict[str, Any]:
     """The full Bernini-R default settings for a task (a fresh dict the caller may edit)."""
     get_task(task)
@@ -219,6 +275,7 @@ INT_RANGES: dict[str, tuple[int, Optional[int], str]] = {
     "width": (0, None, "the output width in pixels (a multiple of 16; 0 = the source's where the task allows it)"),
     "vae_tile_px": (0, None, "the VAE tile size in pixels (0 = untiled)"),
     "vae_tile_overlap_px": (0, None, "the VAE tile overlap in pixels"),
+    "boundary_step_index": (0, MAX_STEPS, "the number of leading steps on the high-noise expert (fast: 2 of 4)"),
 }
 FORCEABLE = ("num_inference_steps", "planning_step", "vit_denoising_step")  # maxima a user may exceed on purpose
 
@@ -275,9 +332,12 @@ def check_numbers(settings: Mapping[str, Any], *, force: bool = False) -> dict[s
 
 def resolve_settings(preset: Mapping[str, Any], overrides: Mapping[str, Any], *, force: bool = False) -> dict[str, Any]:
     """Preset values overridden by every explicitly given (non-None) keyword, with every number checked
-    (``check_numbers``; `force` lifts the step-count maxima) and whole numbers stored as ints."""
-    settings = dict(preset)
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    (``check_numbers``; `force` lifts the step-count maxima) and whole numbers stored as ints. The keyword
+    `preset` ("official" | "fast", default official) picks the preset kind first (``apply_preset``)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings = apply_preset(preset, given.get("preset", "official"), given)
+    settings.update(given)
+    check_choices(settings)
     settings.update(check_numbers(settings, force=force))
     return settings
 

@@ -29,7 +29,8 @@ class BerniniSampleVideo:
             "guidance_mode": (list(node_api.GUIDANCE_CHOICES), {
                 "default": "auto",
                 "tooltip": "auto = the task preset. Bernini-R modes: rv2v, v2v, v2v_chain, t2v, r2v_apg, v2v_apg, "
-                           "t2v_apg; full Bernini: vae_txt_vit_wapg, vae_txt_vit, rv2v_wapg, v2v_apg."}),
+                           "t2v_apg; full Bernini: vae_txt_vit_wapg, vae_txt_vit, rv2v_wapg, v2v_apg; both: none = "
+                           "one pass per step without guidance (distill LoRAs)."}),
             "steps": ("INT", {"default": 0, "min": 0, "max": 200, "tooltip": "Denoising steps; 0 = preset (40-50)."}),
             "flow_shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
                                      "tooltip": "Flow-matching schedule shift; 0 = preset (5.0)."}),
@@ -43,15 +44,25 @@ class BerniniSampleVideo:
             "expert_boundary": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.005,
                                           "tooltip": "Timestep fraction where the low-noise expert takes over; "
                                                      "-1 = the model's switch_dit_boundary (0.875)."}),
+            "preset": (list(node_api.PRESET_CHOICES), {
+                "default": "official",
+                "tooltip": "official = the release's settings per task. fast = for step-distilled experts (e.g. the "
+                           "lightx2v 4-step LoRAs): guidance none, 4 steps, the distill sampler, shift 5, the "
+                           "low-noise expert from step 2. Widgets off their sentinel still override it."}),
+            "sampler": (list(node_api.SAMPLER_CHOICES), {
+                "default": "auto",
+                "tooltip": "auto = the preset's (official: UniPC; fast: distill). unipc, euler (official fallback) or "
+                           "distill (lightx2v's step-distill sampler)."}),
         }, "optional": {
             "apg": ("BERNINI_APG", {"tooltip": "Bernini-R *_apg modes: η, momentum and norm threshold from Bernini "
                                                "APG Settings; unconnected = the preset (0.5, 0, 50)."}),
         }}
 
     def sample(self, renderer, conditioning, sources, guidance_mode, steps, flow_shift, omega_vid, omega_img,
-               omega_txt, omega_tgt, omega_scale, seed, expert_boundary, apg=None):
+               omega_txt, omega_tgt, omega_scale, seed, expert_boundary, preset="official", sampler="auto", apg=None):
         return (node_api.sample(renderer, conditioning, sources, guidance_mode, steps, flow_shift, omega_vid,
-                                omega_img, omega_txt, omega_tgt, omega_scale, seed, expert_boundary, apg=apg),)
+                                omega_img, omega_txt, omega_tgt, omega_scale, seed, expert_boundary, apg=apg,
+                                preset=preset, sampler=sampler),)
 
 
 class BerniniAPGSettings:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 MODULE_NAMES = ("comfy", "comfy.model_management", "comfy.model_patcher", "comfy.ops", "comfy.utils",
-                "comfy.latent_formats", "comfy.cli_args", "comfy.memory_management", "folder_paths")
+                "comfy.latent_formats", "comfy.cli_args", "comfy.memory_management", "comfy.lora", "folder_paths")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Recorder:
     bars: list = field(default_factory=list)  # every ProgressBar built
     interrupt_checks: int = 0
     interrupt_at: Optional[int] = None  # raise on this (1-based) interrupt check
+    current: list = field(default_factory=list)  # the patchers loaded now (their weight patches applied)
 
 
 def build(models_dir) -> tuple[dict, Recorder]:
@@ -64,8 +65,16 @@ def build(models_dir) -> tuple[dict, Recorder]:
         rec.full_loads.append(force_full_load)
         rec.memory.append(memory_required)
         for patcher in models:
+            # model_management.load_models_gpu: another clone of the same model is unloaded (its weight patches
+            # taken off) before this one loads and patches the shared module.
+            for other in [p for p in rec.current if p is not patcher and p.is_clone(patcher)]:
+                other.unpatch_model()
+                rec.current.remove(other)
             patcher.model.to(patcher.load_device)
             patcher.model.device = patcher.load_device  # ModelPatcher.load records where the model went
+            if patcher not in rec.current:
+                patcher.load(patcher.load_device)
+                rec.current.append(patcher)
 
     def throw_exception_if_processing_interrupted():
         rec.interrupt_checks += 1
@@ -84,16 +93,109 @@ def build(models_dir) -> tuple[dict, Recorder]:
             self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
             if getattr(model, "device", None) is None:
                 model.device = offload_device
+            self.patches, self.backup = {}, {}
             rec.patchers.append(self)
 
         def model_size(self):
             return self.size
+
+        # weight patches as comfy/model_patcher.py: clone / is_clone / add_patches / load / unpatch_model
+        def clone(self):
+            n = self.__class__(self.model, self.load_device, self.offload_device, self.size)
+            n.patches = {k: v[:] for k, v in self.patches.items()}
+            return n
+
+        def is_clone(self, other):
+            return getattr(other, "model", None) is self.model
+
+        def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+            model_sd = self.model.state_dict()
+            added = [k for k in patches if k in model_sd]
+            for k in added:
+                self.patches.setdefault(k, []).append((strength_patch, patches[k], strength_model, None, None))
+            return added
+
+        def patch_weight_to_device(self, key, device_to=None):
+            op_path, leaf = key.rsplit(".", 1)
+            op = self.model.get_submodule(op_path)
+            weight = getattr(op, leaf)
+            set_func, convert_func = getattr(op, f"set_{leaf}", None), getattr(op, f"convert_{leaf}", None)
+            if key not in self.backup:
+                self.backup[key] = weight  # the tensor object itself: the patched weight replaces it
+            temp = weight.to(torch.float32, copy=True)
+            if convert_func is not None:
+                temp = convert_func(temp, inplace=True)
+            out = modules["comfy.lora"].calculate_weight(self.patches[key], temp, key)
+            if set_func is None:
+                setattr(op, leaf, torch.nn.Parameter(out.to(weight.dtype), requires_grad=False))
+            else:
+                set_func(out, inplace_update=False, seed=0)
+
+        def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+            for name, module in self.model.named_modules():
+                for leaf, _ in list(module.named_parameters(recurse=False)):
+                    key = f"{name}.{leaf}" if name else leaf
+                    if key in self.patches:
+                        self.patch_weight_to_device(key, device_to)
+
+        def unpatch_model(self, device_to=None, unpatch_weights=True):
+            if unpatch_weights:
+                for key, weight in self.backup.items():
+                    op_path, leaf = key.rsplit(".", 1)
+                    setattr(self.model.get_submodule(op_path), leaf, weight)
+                self.backup.clear()
+
+    class LowVramPatch:
+        def __init__(self, key, patches, convert_func=None, set_func=None):
+            self.key, self.patches = key, patches
+
+        def __call__(self, weight):
+            return modules["comfy.lora"].calculate_weight(self.patches[self.key], weight, self.key)
 
     class CoreModelPatcher(ModelPatcher):
         pass
 
     modules["comfy.model_patcher"].ModelPatcher = ModelPatcher
     modules["comfy.model_patcher"].CoreModelPatcher = CoreModelPatcher
+    modules["comfy.model_patcher"].LowVramPatch = LowVramPatch
+
+    # ------------------------------------------------------------------ comfy.lora (comfy/lora.py, weight_adapter)
+    lora_names = (("{}.lora_up.weight", "{}.lora_down.weight"), ("{}_lora.up.weight", "{}_lora.down.weight"),
+                  ("{}.lora_B.weight", "{}.lora_A.weight"), ("{}.lora.up.weight", "{}.lora.down.weight"),
+                  ("{}.lora_linear_layer.up.weight", "{}.lora_linear_layer.down.weight"))
+
+    def load_lora(lora, to_load, log_missing=True):
+        patch_dict = {}
+        for x, target in to_load.items():
+            alpha = lora[f"{x}.alpha"].item() if f"{x}.alpha" in lora else None
+            for up_name, down_name in lora_names:
+                if up_name.format(x) in lora:
+                    mid = lora.get(f"{x}.lora_mid.weight")
+                    patch_dict[target] = ("lora", (lora[up_name.format(x)], lora[down_name.format(x)], alpha, mid,
+                                                   None, None))
+                    break
+            if f"{x}.diff" in lora:
+                patch_dict[target] = ("diff", (lora[f"{x}.diff"],))
+            if f"{x}.diff_b" in lora:
+                patch_dict[target[: -len(".weight")] + ".bias"] = ("diff", (lora[f"{x}.diff_b"],))
+        return patch_dict
+
+    def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32):
+        for strength, value, strength_model, _, _ in patches:
+            if strength_model != 1.0:
+                weight *= strength_model
+            kind, v = value
+            if kind == "diff":
+                weight += strength * v[0].to(weight.device, weight.dtype)
+            elif kind == "lora":
+                up, down = v[0].to(weight.device, intermediate_dtype), v[1].to(weight.device, intermediate_dtype)
+                scale = v[2] / down.shape[0] if v[2] is not None else 1.0  # no alpha: 1.0, not alpha = rank
+                weight += ((strength * scale) * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)).to(
+                    weight.dtype)
+        return weight
+
+    modules["comfy.lora"].load_lora = load_lora
+    modules["comfy.lora"].calculate_weight = calculate_weight
 
     # ------------------------------------------------------------------ comfy.memory_management / comfy.ops
     memory = modules["comfy.memory_management"]
@@ -182,8 +284,8 @@ def build(models_dir) -> tuple[dict, Recorder]:
     # ------------------------------------------------------------------ folder_paths
     fp = modules["folder_paths"]
     fp.models_dir = str(models_dir)
-    fp.folder_names_and_paths = {kind: ([os.path.join(str(models_dir), kind)], {".safetensors", ".gguf"})
-                                 for kind in ("diffusion_models", "text_encoders", "vae")}
+    fp.folder_names_and_paths = {kind: ([os.path.join(str(models_dir), kind)], {".safetensors"})
+                                 for kind in ("diffusion_models", "text_encoders", "vae", "loras")}
 
     def add_model_folder_path(folder_name, full_folder_path, is_default=False):
         paths, _ = fp.folder_names_and_paths.setdefault(folder_name, ([], set()))

@@ -78,3 +78,25 @@ def no_work(fp32_renderer, monkeypatch):
     for stage in ("encode_prompt", "prepare_sources", "sample"):
         monkeypatch.setattr(fp32_renderer, stage, lambda *a, _s=stage, **k: calls.append(_s))
     return calls
+
+
+@pytest.fixture
+def comfy(tmp_path):
+    """The ComfyUI stand-in of tests/comfy_stub.py in sys.modules for one test (other tests assert ComfyUI is absent):
+    its modules, the Recorder of what the bridge did, the models folder and comfy.model_management."""
+    import types
+
+    import comfy_stub
+
+    modules, rec = comfy_stub.build(tmp_path / "models")
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield types.SimpleNamespace(rec=rec, modules=modules, models=tmp_path / "models",
+                                    mm=modules["comfy.model_management"])
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,22 @@ def test_renderer_benchmark_prints_a_table(capsys):
     load("renderer").main(["--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "fp32"])
     out = capsys.readouterr().out
     assert "| time per forward (median)" in out and "| FLOPs per forward" in out and "| peak memory" in out
+
+
+def test_renderer_benchmark_weight_formats():
+    """Each format's model really holds its weights that way (fp8 bytes, packed GGUF blocks), so the table's bytes
+    are the real resident sizes; Q8_0 blocks of 32 pack the tiny DiT's 48-wide layers."""
+    bench = load("renderer")
+    cfg = bench.load_config("tiny")
+    device = torch.device("cpu")
+    sizes = {fmt: bench.weight_bytes(bench.build_model(cfg, fmt, device, torch.float32, True))
+             for fmt in ("fp32", "bf16", "fp8", "q8_0")}
+    assert sizes["fp8"] < sizes["bf16"] < sizes["fp32"] and sizes["q8_0"] < sizes["fp32"]
+    q8 = bench.build_model(cfg, "q8_0", device, torch.float32, True)
+    packed = [m for m in q8.modules() if getattr(m, "bernini_quantized", False)]
+    assert packed and all(m.weight.dtype == torch.uint8 for m in packed)
+    fp8 = bench.build_model(cfg, "fp8", device, torch.float32, True)
+    assert fp8.proj_out.weight.dtype == torch.float8_e4m3fn
 
 
 # -- benchmarks/planner.py ------------------------------------------------------------------------

@@ -4,10 +4,7 @@ fallbacks when ComfyUI is absent.
 
 The stand-in lives in sys.modules only inside the `comfy` fixture: other tests assert ComfyUI is absent."""
 
-import importlib.util
 import sys
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,30 +14,10 @@ from bernini_core import comfy_bridge
 from bernini_core.errors import BerniniError
 from bernini_core.runtime import Runtime
 
-_spec = importlib.util.spec_from_file_location("bernini_tests_comfy_stub", Path(__file__).with_name("comfy_stub.py"))
-comfy_stub = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = comfy_stub  # dataclasses resolve annotations through sys.modules
-_spec.loader.exec_module(comfy_stub)
 
 RENDER = dict(num_frames=5, height=32, width=48, max_image_size=48, num_inference_steps=3, seed=11)
 FULL = dict(num_frames=1, height=32, width=32, max_image_size=48, num_inference_steps=2, planning_step=2,
             vit_denoising_step=1, seed=5)
-
-
-@pytest.fixture
-def comfy(tmp_path):
-    modules, rec = comfy_stub.build(tmp_path / "models")
-    saved = {name: sys.modules.get(name) for name in modules}
-    sys.modules.update(modules)
-    try:
-        yield types.SimpleNamespace(rec=rec, modules=modules, models=tmp_path / "models",
-                                    mm=modules["comfy.model_management"])
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 def expected_preview(latent, wan21):
@@ -75,7 +52,7 @@ def test_outside_comfyui_everything_falls_back():
     with pytest.raises(BerniniError, match="only inside ComfyUI"):
         comfy_bridge.model_path("vae", "wan_2.1_vae.safetensors")
     with pytest.raises(BerniniError, match="unknown model kind"):
-        comfy_bridge.list_models("loras")
+        comfy_bridge.list_models("checkpoints")
     assert "comfy" not in sys.modules  # looking never imports ComfyUI
 
 
@@ -94,7 +71,7 @@ def test_handles_are_core_model_patchers_with_devices_by_model_kind(comfy):
     for name, (load, offload) in expected.items():
         module = torch.nn.Linear(8, 4)
         handle = rt.handle(name, module)
-        assert type(handle.patcher) is patcher_class and handle.module is module
+        assert type(handle.patcher).__bases__ == (patcher_class,) and handle.module is module
         assert handle.patcher.model.inner is module  # wrapped: ComfyUI writes `device` on the model it patches
         assert (handle.load_device, handle.offload_device) == (load, offload)
         assert (handle.patcher.load_device, handle.patcher.offload_device) == (load, offload)
@@ -106,7 +83,7 @@ def test_handles_are_core_model_patchers_with_devices_by_model_kind(comfy):
     del comfy.modules["comfy.model_patcher"].CoreModelPatcher
     pinned = comfy_bridge.ComfyRuntime("cpu")
     handle = pinned.handle("umt5", torch.nn.Linear(2, 2))
-    assert type(handle.patcher) is comfy.modules["comfy.model_patcher"].ModelPatcher
+    assert type(handle.patcher).__bases__ == (comfy.modules["comfy.model_patcher"].ModelPatcher,)
     assert (pinned.device, handle.load_device, handle.offload_device) == (cpu, cpu, te_off)
     assert type(comfy_bridge.runtime()) is comfy_bridge.ComfyRuntime
     assert comfy_bridge.intermediate_device() == cpu
@@ -227,7 +204,7 @@ def test_renderer_runs_under_comfyui(comfy, tiny_renderer_dir):
                                components.text_encoder.module)}
     assert {id(p.model.inner) for p in rec.patchers} == modules and len(rec.patchers) == 4
     assert {id(p.model.inner) for load in rec.loads for p in load} == modules
-    assert all(type(p).__name__ == "CoreModelPatcher" for p in rec.patchers)
+    assert all(isinstance(p, comfy.modules["comfy.model_patcher"].CoreModelPatcher) for p in rec.patchers)
     # one bar for the run, advanced once per denoising step, each update with an RGB latent preview
     bar = rec.bars[-1]
     assert len(rec.bars) == 1 and [(v, t) for v, t, _ in bar.updates] == [(1, 3), (2, 3), (3, 3)]
@@ -314,6 +291,15 @@ def test_model_folders(comfy):
     assert comfy_bridge.list_models("bernini") == ["Bernini-R-Diffusers", "org/Bernini-Diffusers-v2"]
     assert comfy_bridge.list_models("vae") == ["sub/wan_2.1_vae.safetensors"]
     assert comfy_bridge.list_models("diffusion_models") == []
+    # ComfyUI lists only its own extensions under diffusion_models; GGUF experts are listed beside them
+    for name in ("high.safetensors", "q4/low.gguf", "notes.txt"):
+        (models / "diffusion_models" / name).parent.mkdir(parents=True, exist_ok=True)
+        (models / "diffusion_models" / name).write_bytes(b"")
+    assert folder_paths.get_filename_list("diffusion_models") == ["high.safetensors"]
+    assert comfy_bridge.list_models("diffusion_models") == ["high.safetensors", "q4/low.gguf"]
+    assert comfy_bridge.model_path("diffusion_models", "q4/low.gguf") == models / "diffusion_models/q4/low.gguf"
+    with pytest.raises(BerniniError, match="models/diffusion_models/"):
+        comfy_bridge.model_path("diffusion_models", "missing.gguf")
     found = comfy_bridge.model_path("bernini", "org/Bernini-Diffusers-v2")
     assert found == (models / "bernini/org/Bernini-Diffusers-v2").resolve()
     assert comfy_bridge.model_path("vae", "sub/wan_2.1_vae.safetensors") == models / "vae/sub/wan_2.1_vae.safetensors"

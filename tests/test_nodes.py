@@ -1,4 +1,4 @@
-"""The node declarations: the pack registers exactly the contract's seven nodes, and every INPUT_TYPES() is valid
+"""The node declarations: the pack registers exactly the contract's nodes, and every INPUT_TYPES() is valid
 /object_info input (known types, sane COMBOs and ranges, tooltips) in the contract's widget order.
 
 The expected table below is transcribed from the node contract (docs/node_contract.md), independently of the
@@ -22,7 +22,7 @@ CUSTOM_TYPES = {"BERNINI_PLANNER", "BERNINI_RENDERER", "BERNINI_TEXT_ENCODER", "
 COMFY_TYPES = {"IMAGE", "LATENT", "INT", "FLOAT", "STRING", "BOOLEAN"}
 TASKS = ["t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v"]
 MODES = ["auto", "rv2v", "v2v", "v2v_chain", "t2v", "r2v_apg", "v2v_apg", "t2v_apg", "vae_txt_vit_wapg", "vae_txt_vit",
-         "rv2v_wapg"]
+         "rv2v_wapg", "none"]
 OMEGA = ("FLOAT", -1.0, -1.0, 20.0, 0.05)
 # name -> (display name, category, [(input, type or combo list or None for model lists, default, min, max, step)],
 #          optional inputs (same form), outputs [(type, name)])
@@ -70,12 +70,17 @@ CONTRACT = {
         ("steps", "INT", 0, 0, 200, None), ("flow_shift", "FLOAT", 0.0, 0.0, 20.0, 0.1),
         ("omega_vid",) + OMEGA, ("omega_img",) + OMEGA, ("omega_txt",) + OMEGA, ("omega_tgt",) + OMEGA,
         ("omega_scale", "FLOAT", -1.0, -1.0, 4.0, 0.05), ("seed", "INT", 42, 0, SEED_MAX, None),
-        ("expert_boundary", "FLOAT", -1.0, -1.0, 1.0, 0.005),
+        ("expert_boundary", "FLOAT", -1.0, -1.0, 1.0, 0.005), ("preset", ["official", "fast"], "official"),
+        ("sampler", ["auto", "unipc", "euler", "distill"], "auto"),
     ], [("apg", "BERNINI_APG", None)], [("LATENT", "samples")]),
     "BerniniAPGSettings": ("Bernini APG Settings", "Bernini/sampling", [
         ("eta", "FLOAT", 0.5, 0.0, 2.0, 0.05), ("momentum", "FLOAT", 0.0, -1.0, 1.0, 0.05),
         ("norm_threshold", "FLOAT", 50.0, 0.0, 1000.0, 1.0),
     ], [], [("BERNINI_APG", "apg")]),
+    "BerniniApplyLora": ("Apply Bernini LoRA", "Bernini/loaders", [
+        ("renderer", "BERNINI_RENDERER", None), ("lora_name", "FILES", None),
+        ("strength_high", "FLOAT", 1.0, -10.0, 10.0, 0.01), ("strength_low", "FLOAT", 1.0, -10.0, 10.0, 0.01),
+    ], [], [("BERNINI_RENDERER", "renderer")]),
     "BerniniDecodeVAE": ("Decode Bernini VAE", "Bernini/latent", [
         ("vae", "BERNINI_VAE", None), ("samples", "LATENT", None), ("tiled", "BOOLEAN", False),
         ("tile_size", "INT", 256, 64, 2048, 16), ("tile_overlap", "INT", 64, 0, 1024, 16),
@@ -131,13 +136,16 @@ def test_input_types_are_valid_object_info_in_contract_order(pack, key):
             assert actual_type in CUSTOM_TYPES | COMFY_TYPES | {"COMBO"}, f"{key}.{name}: unknown type"
             if isinstance(kind, list):
                 assert spec[0] == kind and options["default"] == row[2]
+            elif kind == "FILES":  # ComfyUI's own file list (models/loras): may be empty, has no default
+                assert actual_type == "COMBO" and isinstance(spec[0], list) and "default" not in options
+                assert all(isinstance(c, str) for c in spec[0])
             elif kind == "COMBO":
                 assert actual_type == "COMBO" and spec[0] and all(isinstance(c, str) for c in spec[0])
                 assert len(set(spec[0])) == len(spec[0])
                 assert options["default"] == row[2] and row[2] in spec[0]
             else:
                 assert actual_type == kind, f"{key}.{name}"
-            if actual_type == "COMBO":
+            if actual_type == "COMBO" and kind != "FILES":
                 assert options["default"] in spec[0]
             if actual_type in ("INT", "FLOAT"):
                 default, low, high, step = row[2], row[3], row[4], row[5]

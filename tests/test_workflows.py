@@ -37,7 +37,7 @@ CONTRACT_WIDGETS = {
     "BerniniPlanSemantics": ["planning_steps", "vit_denoising_steps", "vit_txt_cfg", "vit_img_cfg", "seed",
                              "control_after_generate"],
     "BerniniSampleVideo": ["guidance_mode", "steps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_tgt",
-                           "omega_scale", "seed", "control_after_generate", "expert_boundary"],
+                           "omega_scale", "seed", "control_after_generate", "expert_boundary", "preset", "sampler"],
     "BerniniDecodeVAE": ["tiled", "tile_size", "tile_overlap"],
     "LoadImage": ["image", "upload"], "LoadVideo": ["file", "upload"], "GetVideoComponents": [],
     "CreateVideo": ["fps"], "SaveVideo": ["filename_prefix", "format", "codec"], "SaveImage": ["filename_prefix"],

@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BerniniError, require
+from ..tasks import NO_GUIDANCE
 
 __all__ = [
     "Arm",
+    "NO_GUIDANCE",
     "Omegas",
     "APGConfig",
     "RENDERER_MODES",
@@ -238,6 +240,10 @@ _MODES = {
 
 RENDERER_MODES: tuple = ("rv2v", "v2v", "v2v_chain", "t2v", "r2v_apg", "v2v_apg", "t2v_apg")
 assert set(RENDERER_MODES) == set(_MODES)
+# Guidance "none" (not official; for step-distilled experts): the one arm the official calls εVI(T), every source
+# and the positive text, whose output is the velocity unchanged: no CFG, as lightx2v's distill configs
+# (enable_cfg false, docs/fast_sampling.md). Kept out of RENDERER_MODES, the official list.
+_MODES[NO_GUIDANCE] = _ModeSpec(VI_POS, (), apg=False)
 
 
 class RendererGuidance:
@@ -252,7 +258,8 @@ class RendererGuidance:
     def __init__(self, mode: str, apg: APGConfig = APGConfig()):
         if mode not in _MODES:
             raise BerniniError(
-                f"guidance_mode '{mode}' is not a Bernini-R mode; choose one of {', '.join(RENDERER_MODES)}."
+                f"guidance_mode '{mode}' is not a Bernini-R mode; choose one of {', '.join(RENDERER_MODES)}, "
+                f"or {NO_GUIDANCE} (one pass per step, no guidance)."
             )
         self.mode = mode
         self.apg = apg

@@ -28,6 +28,7 @@ from typing import Mapping, Optional
 import torch
 
 from ..errors import BerniniError
+from ..tasks import NO_GUIDANCE
 from .guidance import RENDERER_MODES, APGConfig, Omegas, apg_rung, flat_project, velocity_to_x0, x0_to_velocity
 
 __all__ = ["FULL_MODES", "FULL_COMBOS", "FULL_CONTEXTS", "FullArm", "FullGuidance", "V2V_APG_SETTINGS"]
@@ -82,6 +83,7 @@ class _ModeSpec:
     rungs: tuple
     project: bool = False  # *_wapg: flat P(δ, ref) on every rung difference
     x_space_apg: bool = False  # v2v_apg
+    only: Optional[FullArm] = None  # guidance "none": this one arm, its output the velocity
 
 
 _VAE_TXT_VIT_RUNGS = (
@@ -107,6 +109,9 @@ _MODES = {
     "v2v_apg": _ModeSpec((_Rung(FULL, "txt", falls_back=False),), x_space_apg=True),
 }
 assert set(_MODES) == set(FULL_MODES)
+# Guidance "none" (not official; for step-distilled experts, docs/fast_sampling.md): ε_full alone, i.e. every
+# source, the text and the ViT plan, no CFG. Kept out of FULL_MODES, the official list.
+_MODES[NO_GUIDANCE] = _ModeSpec((), only=FULL)
 
 
 def _skipped(rung: _Rung, omegas: Omegas) -> bool:
@@ -132,7 +137,7 @@ class FullGuidance:
             hint = " is a Bernini-R mode and" if mode in RENDERER_MODES else ""
             raise BerniniError(
                 f"guidance_mode '{mode}'{hint} is not a full-Bernini guidance mode; "
-                f"choose one of {', '.join(FULL_MODES)}."
+                f"choose one of {', '.join(FULL_MODES)}, or {NO_GUIDANCE} (one pass per step, no guidance)."
             )
         self.mode = mode
         self._spec = _MODES[mode]
@@ -153,6 +158,8 @@ class FullGuidance:
         first result (same inputs, same output), and we drop ε_full altogether when that
         rung falls back, since the official then discards it (identical guided velocity).
         """
+        if self._spec.only is not None:
+            return [self._spec.only]
         rung_arms = [r.arm for r in self._spec.rungs if not _skipped(r, omegas)]
         ordered = ([FULL] if FULL in rung_arms else []) + [BASE] + rung_arms
         return list(dict.fromkeys(ordered))
@@ -171,6 +178,8 @@ class FullGuidance:
         missing = [str(a) for a in self.arms(omegas) if a not in eps]
         if missing:
             raise KeyError(f"guidance '{self.mode}' needs the arms {missing}")
+        if self._spec.only is not None:
+            return eps[self._spec.only]
         chain = self._resolve_chain(eps, omegas)
         if self._spec.x_space_apg:
             return self._x_space_apg(chain, sample, sigma)

@@ -18,6 +18,10 @@ Fidelity notes (docs/official_behaviour.md §4.6, §7.3; docs/wan_qwen.md §1.6)
   they are computed once in ``set_timesteps`` rather than at every step.
 * Euler reproduces the official ``FlowMatchScheduler(shift, sigma_min=0,
   extra_one_step=False)``: a bfloat16 schedule, timestep lookup by nearest value.
+* Distill (not official: for step-distilled experts such as the lightx2v 4-step LoRAs) reproduces lightx2v's
+  ``WanStepDistillScheduler`` (docs/fast_sampling.md §2): sigmas picked from a 1000-entry shifted float32 table at
+  the integer timesteps of ``denoising_step_list``; each step predicts x0 = x − σ·v and re-noises it to the next σ
+  with the same velocity (no fresh noise), the last step returns x0.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import require
+from ..errors import BerniniError, require
+from ..tasks import SAMPLER_NAMES
 
 __all__ = [
     "FlowUniPCScheduler",
     "FlowEulerScheduler",
+    "FlowDistillScheduler",
+    "DISTILL_STEP_LIST",
+    "distill_timesteps",
     "make_scheduler",
     "expert_split",
     "shift_sigmas",
@@ -285,9 +293,71 @@ class FlowEulerScheduler(_StepCounter):
         return out
 
 
-def make_scheduler(use_unipc: bool, shift: float):
-    """The official choice (``--use_unipc``, default on) with the given flow shift."""
-    return FlowUniPCScheduler(shift=shift) if use_unipc else FlowEulerScheduler(shift=shift)
+# --------------------------------------------------------------------------- #
+# Distill (lightx2v step-distill schedule; not an official Bernini sampler)
+# --------------------------------------------------------------------------- #
+# lightx2v's `denoising_step_list` of its Wan2.2 A14B 4-step distill configs (configs/distill/wan22/*.json).
+DISTILL_STEP_LIST = (1000, 750, 500, 250)
+
+
+def distill_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The integer timesteps of an n-step distill schedule: T − ⌊T·k/n⌋ for k = 0..n−1.
+
+    lightx2v publishes only the 4-step list (1000, 750, 500, 250), which this rule gives exactly; other counts
+    take the same even spacing, which is also what ComfyUI's "simple" scheduler picks from its 1000-entry table
+    (docs/fast_sampling.md §3)."""
+    n = int(num_steps)
+    require(n >= 1, f"num_inference_steps={num_steps} must be at least 1.")
+    return [num_train_timesteps - (num_train_timesteps * k) // n for k in range(n)]
+
+
+class FlowDistillScheduler(_StepCounter):
+    """The step-distill sampler of lightx2v (``WanStepDistillScheduler`` / ``Wan22StepDistillScheduler``).
+
+    Sigmas: σ_k = shift(1 − k/T) for k = 0..T−1 computed in float32 as lightx2v does (linspace, then the shift),
+    read at index T − t for each integer timestep t; the DiT sees t' = 1000·σ. ``step`` works in float32:
+    x0 = x − σ·v, then x0 + σ_next·v unless it is the last step (whose σ_next is 0: x0 itself).
+    """
+
+    def __init__(self, shift: float = 5.0, num_train_timesteps: int = 1000, step_list=None):
+        require(shift > 0, f"flow_shift={shift} must be positive (lightx2v's distill configs use 5.0).")
+        self.shift = float(shift)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.step_list = None if step_list is None else [int(t) for t in step_list]
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        n = int(num_inference_steps)
+        steps = self.step_list if self.step_list is not None else distill_timesteps(n, self.num_train_timesteps)
+        if len(steps) != n or any(not 1 <= t <= self.num_train_timesteps for t in steps):
+            raise BerniniError(f"the distill step list {steps} must hold {n} timesteps in 1..{self.num_train_timesteps}"
+                               "; give as many timesteps as steps.")
+        total = self.num_train_timesteps
+        table = shift_sigmas(torch.linspace(1.0, 0.0, total + 1, dtype=torch.float32)[:-1], self.shift)
+        picked = table[[total - t for t in steps]]
+        self.timesteps = picked * total
+        self.sigmas = torch.cat([picked, picked.new_zeros(1)])
+        self._step_index = 0
+
+    def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        self._check_can_step()
+        i = self._step_index
+        flow = velocity.to(torch.float32)
+        out = sample.to(torch.float32) - float(self.sigmas[i]) * flow
+        if i < self.num_inference_steps - 1:
+            out = out + flow * float(self.sigmas[i + 1])
+        self._step_index += 1
+        return out.to(sample.dtype)
+
+
+def make_scheduler(use_unipc: bool, shift: float, sampler: Optional[str] = None):
+    """The sampler named by `sampler` (one of tasks.SAMPLER_NAMES), or, when None, the official choice
+    (``--use_unipc``, default on), with the given flow shift."""
+    if sampler is None:
+        sampler = "unipc" if use_unipc else "euler"
+    if sampler not in SAMPLER_NAMES:
+        raise BerniniError(f"sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLER_NAMES)}.")
+    return {"unipc": FlowUniPCScheduler, "euler": FlowEulerScheduler, "distill": FlowDistillScheduler}[sampler](
+        shift=shift)
 
 
 # The UniPC configuration this module implements (the stock Wan2.2 -Diffusers scheduler_config.json, what the
