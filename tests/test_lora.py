@@ -151,6 +151,8 @@ def test_pipeline_experts_are_found_and_checked_before_loading(tmp_path, monkeyp
     monkeypatch.setattr(loaders, "load_renderer", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(BerniniError, match="does not exist"):
         RendererPipeline.from_pretrained(tmp_path, device="cpu", loras=[str(tmp_path / "gone.safetensors")])
+    with pytest.raises(BerniniError, match="parts= leaves them out"):
+        RendererPipeline.from_pretrained(tmp_path, device="cpu", loras=[path], parts=["vae"])
 
 
 def test_fp8_expert_stays_fp8_and_dequantises_to_the_patched_weight(tmp_path):

@@ -23,7 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS, API = ROOT / "workflows", ROOT / "workflows" / "api"
 FULL_TASKS = ("t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v")
 R_TASKS = ("t2v", "v2v", "rv2v", "r2v")
-NAMES = [f"bernini_{t}" for t in FULL_TASKS] + [f"bernini_r_{t}" for t in R_TASKS]
+FAST_LORA = "bernini_r_v2v_fast_lora"  # Bernini-R v2v with the lightx2v 4-step distill LoRA pair, preset fast
+NAMES = [f"bernini_{t}" for t in FULL_TASKS] + [f"bernini_r_{t}" for t in R_TASKS] + [FAST_LORA]
+DISTILL_LORAS = ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+                 "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors")
+
+
+def task_of(name: str) -> str:
+    return re.sub(r"^bernini_(r_)?", "", name).removesuffix("_fast_lora")
 VIDEO_SOURCE_TASKS = ("v2v", "mv2v", "rv2v", "ads2v")
 
 # Widget order of the node contract (docs/node_contract.md §2), control_after_generate after each seed, and of the
@@ -39,6 +46,7 @@ CONTRACT_WIDGETS = {
     "BerniniSampleVideo": ["guidance_mode", "steps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_tgt",
                            "omega_scale", "seed", "control_after_generate", "expert_boundary", "preset", "sampler"],
     "BerniniDecodeVAE": ["tiled", "tile_size", "tile_overlap"],
+    "BerniniApplyLora": ["lora_name", "strength_high", "strength_low"],
     "LoadImage": ["image", "upload"], "LoadVideo": ["file", "upload"], "GetVideoComponents": [],
     "CreateVideo": ["fps"], "SaveVideo": ["filename_prefix", "format", "codec"], "SaveImage": ["filename_prefix"],
 }
@@ -64,7 +72,13 @@ def pack():
 
 @pytest.fixture(scope="module")
 def defs(pack):
-    return wt.all_definitions(pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS)
+    """/object_info as a ComfyUI with the distill LoRA pair in models/loras lists it (outside ComfyUI our file lists
+    are empty)."""
+    definitions = wt.all_definitions(pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS)
+    lora_name = definitions["BerniniApplyLora"]["input"]["required"]["lora_name"]
+    assert lora_name[0] == []
+    lora_name[0].extend(DISTILL_LORAS)
+    return definitions
 
 
 def load(path: Path) -> dict:
@@ -84,7 +98,7 @@ def nodes_of(workflow, node_type):
 
 
 # ------------------------------------------------------------------------------------------ files and fixture
-def test_the_twelve_workflows_and_their_api_twins_exist_flat():
+def test_the_workflows_and_their_api_twins_exist_flat():
     assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(NAMES)  # ComfyUI lists top-level *.json only
     assert sorted(p.stem for p in API.glob("*.json")) == sorted(NAMES)
     assert not [p for p in WORKFLOWS.rglob("*.json") if p.parent not in (WORKFLOWS, API)]
@@ -129,7 +143,7 @@ def test_ui_workflow_passes_the_frontend_and_validate_prompt_checks(defs, name):
 def test_ui_workflow_is_wired_for_its_task(name):
     workflow = ui(name)
     full = not name.startswith("bernini_r_")
-    task = name.removeprefix("bernini_r_" if not full else "bernini_")
+    task = task_of(name)
     by_id = {n["id"]: n for n in workflow["nodes"]}
     links = {link[0]: link for link in workflow["links"]}
 
@@ -141,6 +155,17 @@ def test_ui_workflow_is_wired_for_its_task(name):
     assert encode["widgets_values"][0] == task and encode["widgets_values"][1].strip()
     (sample,), (sources,) = nodes_of(workflow, "BerniniSampleVideo"), nodes_of(workflow, "BerniniSources")
     assert feeders(sample, "conditioning")["type"] == ("BerniniPlanSemantics" if full else "BerniniEncodePrompt")
+    renderer = feeders(sample, "renderer")
+    if name == FAST_LORA:  # loader -> LoRA on the high-noise expert -> LoRA on the low-noise expert -> Sample (fast)
+        low = renderer
+        high = feeders(low, "renderer")
+        assert low["type"] == high["type"] == "BerniniApplyLora"
+        assert feeders(high, "renderer")["type"] == "BerniniLoadRenderer"
+        assert high["widgets_values"] == [DISTILL_LORAS[0], 1.0, 0.0]
+        assert low["widgets_values"] == [DISTILL_LORAS[1], 0.0, 1.0]
+        assert sample["widgets_values"][-2:] == ["fast", "auto"]
+    else:
+        assert renderer["type"] == "BerniniLoadRenderer" and sample["widgets_values"][-2:] == ["official", "auto"]
     assert len(nodes_of(workflow, "BerniniLoadPlanner")) == (1 if full else 0)
     model = "Bernini-Diffusers-v2" if full else "Bernini-R-Diffusers"
     for loader in nodes_of(workflow, "BerniniLoadPlanner") + nodes_of(workflow, "BerniniLoadRenderer"):
@@ -175,6 +200,8 @@ def test_note_says_what_to_download_and_connect(name):
     for loader in nodes_of(workflow, "LoadVideo") + nodes_of(workflow, "LoadImage"):
         assert loader["widgets_values"][0] in text and ("placeholder" in text or "ships" in text)
     assert "preset" in text
+    if name == FAST_LORA:
+        assert all(f"  {lora}" in text for lora in DISTILL_LORAS) and "models/loras" in text
 
 
 ROLE_IDS = {"3": "BerniniEncodePrompt", "4": "BerniniSources", "5": "BerniniPlanSemantics",
@@ -190,7 +217,7 @@ def test_api_node_ids_are_the_same_role_in_every_workflow(name):
         if node_id in prompt:
             assert prompt[node_id]["class_type"] in (class_type if isinstance(class_type, tuple) else (class_type,))
     assert {"3", "4", "6", "9"} <= set(prompt)
-    assert ("10" in prompt) == (re.sub(r"^bernini_(r_)?", "", name) in VIDEO_SOURCE_TASKS)
+    assert ("10" in prompt) == (task_of(name) in VIDEO_SOURCE_TASKS)
 
 
 def test_readme_section_lists_every_workflow_and_the_downloads():
@@ -473,7 +500,7 @@ def _cached(cls, cache):
     return Cached
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != FAST_LORA])  # FAST_LORA needs ComfyUI: below
 def test_api_workflow_runs_on_the_tiny_checkpoints(pack, defs, tiny_models, loader_cache, monkeypatch, name):
     from bernini_core import comfy_bridge
 
@@ -494,7 +521,7 @@ def test_api_workflow_runs_on_the_tiny_checkpoints(pack, defs, tiny_models, load
     classes.update(recorder.classes())
     wt.execute_prompt(prompt, classes)
 
-    task = re.sub(r"^bernini_(r_)?", "", name)
+    task = task_of(name)
     (kind, frames, fps, prefix), = recorder.saved
     expected_frames = 1 if task in ("t2i", "i2i") else 5
     assert kind == ("image" if task in ("t2i", "i2i") else "video")
@@ -504,3 +531,66 @@ def test_api_workflow_runs_on_the_tiny_checkpoints(pack, defs, tiny_models, load
     media = [e["inputs"].get("file") or e["inputs"].get("image") for e in prompt.values()
              if e["class_type"] in ("LoadVideo", "LoadImage")]
     assert sorted(recorder.loaded) == sorted(media)
+
+
+def _write_distill_pair(folder, dit):
+    """Stand-ins for lightx2v's pair, written for the tiny experts in ComfyUI's layout (low-rank pairs with alpha,
+    full-weight diffs of a bias and a modulation), under the names the workflow picks."""
+    from lora_files import low_rank, write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(DISTILL_LORAS):
+        state, _ = low_rank(dit, "comfy", ("q", "ffn", "head"), rank=4, alpha=4.0, seed=seed)
+        state["diffusion_model.blocks.0.self_attn.q.diff_b"] = torch.full((dit.blocks[0].attn1.to_q.out_features,),
+                                                                          0.05)
+        state["diffusion_model.blocks.1.modulation.diff"] = torch.full(dit.blocks[1].scale_shift_table.shape, 0.05)
+        write(folder / name, state)
+
+
+def test_fast_lora_workflow_runs_in_comfyui(pack, defs, comfy, tiny_renderer_dir, monkeypatch):
+    """bernini_r_v2v_fast_lora under the ComfyUI stand-in (tests/comfy_stub.py patches weights as ComfyUI's
+    ModelPatcher): the LoRA pair reaches the experts as patches, preset fast runs 4 single-pass steps (high, high,
+    low, low), and the LoRAs change the video (against the same graph with both strengths at 0)."""
+    from bernini_core import comfy_bridge
+    from bernini_core.renderer.transformer import BerniniDiT
+
+    real_model_path = comfy_bridge.model_path
+    monkeypatch.setattr(comfy_bridge, "model_path", lambda kind, name: Path(tiny_renderer_dir) if kind == "bernini"
+                        else real_model_path(kind, name))
+    monkeypatch.setattr(comfy_bridge, "list_models", lambda kind: ["Bernini-R-Diffusers"] if kind == "bernini"
+                        else list(DISTILL_LORAS) if kind == "loras" else [])
+    forwards = []
+    original_forward = BerniniDiT.forward
+
+    def counting_forward(self, *args, **kwargs):
+        forwards.append((id(self), float(args[2].reshape(-1)[0])))
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BerniniDiT, "forward", counting_forward)
+
+    def run(strengths=None):
+        prompt = copy.deepcopy(api(FAST_LORA))
+        for entry in prompt.values():  # tiny sizes; the preset's 4 steps stay
+            entry["inputs"].update({k: v for k, v in TINY.get(entry["class_type"], {}).items() if k != "steps"})
+            if entry["class_type"] == "BerniniApplyLora" and strengths is not None:
+                entry["inputs"].update(strength_high=strengths, strength_low=strengths)
+        assert wt.check_api_prompt(prompt, defs) == []
+        recorder = Recorder()
+        classes = {**pack.NODE_CLASS_MAPPINGS, **recorder.classes()}
+        forwards.clear()
+        wt.execute_prompt(prompt, classes)
+        ((kind, frames, fps, _),) = recorder.saved
+        assert kind == "video" and tuple(frames.shape) == (5, MEDIA_H, MEDIA_W, 3) and fps == 16.0
+        return frames
+
+    from bernini_core.loaders import load_renderer
+
+    experts = load_renderer(Path(tiny_renderer_dir), dtype=torch.float32, parts="experts")
+    _write_distill_pair(comfy.models / "loras", experts.dit_high)
+    with_loras = run()
+    assert [round(t, 2) for _, t in forwards] == [1000.0, 937.5, 833.33, 625.0]  # one pass per step
+    used = [i for i, _ in forwards]
+    assert used[0] == used[1] != used[2] == used[3]  # switched after step 2
+    assert torch.isfinite(with_loras).all()
+    off = run(strengths=0.0)
+    assert not torch.allclose(with_loras, off)

@@ -34,7 +34,12 @@ ROLE_IDS = {"BerniniLoadPlanner": 1, "BerniniLoadRenderer": 2, "BerniniEncodePro
             "BerniniPlanSemantics": 5, "BerniniSampleVideo": 6, "BerniniDecodeVAE": 7, "CreateVideo": 8,
             "SaveVideo": 9, "SaveImage": 9, "Load Source Video": 10, "Source Video Frames": 11,
             "Load Reference Video": 12, "Reference Video Frames": 13, "Load Image to Edit": 14,
-            "Load Reference Image": 14, "Load Reference Image 1": 14, "Load Reference Image 2": 15, "Note": 16}
+            "Load Reference Image": 14, "Load Reference Image 1": 14, "Load Reference Image 2": 15, "Note": 16,
+            "Distill LoRA (high-noise expert)": 17, "Distill LoRA (low-noise expert)": 18}
+# lightx2v's Wan2.2 T2V 4-step distillation LoRA pair, as ComfyUI's own Wan 2.2 templates name them
+# (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, split_files/loras/).
+DISTILL_LORAS = {"high": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+                 "low": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"}
 MULTILINE_H, WIDGET_H, SLOT_H, TITLE_H = 96, 26, 22, 30
 
 
@@ -241,12 +246,37 @@ def note_text(task, family):
     return "\n".join([head, ""] + models + [""] + wiring + [""] + media + [""] + settings)
 
 
-def build(task, family):
+def fast_lora_note(task):
+    return "\n".join([
+        f"Bernini-R {task} ({TASK_TITLES[task]}) in 4 steps - the renderer with lightx2v's Wan2.2 4-step "
+        "distillation LoRA pair: one DiT pass per step instead of 40 steps x 2-4 guided passes (about 20-40x "
+        "faster). Not an official Bernini setting: quality and faithfulness to the source are below the official "
+        "40-step sampling.", "",
+        "MODELS: put the official folder in ComfyUI/models/bernini/:",
+        "  hf download ByteDance/Bernini-R-Diffusers --local-dir ComfyUI/models/bernini/Bernini-R-Diffusers",
+        "and the two LoRA files in ComfyUI/models/loras/ (from Comfy-Org/Wan_2.2_ComfyUI_Repackaged, "
+        "split_files/loras/):",
+        f"  {DISTILL_LORAS['high']}", f"  {DISTILL_LORAS['low']}",
+        "GGUF experts work too: model = 'single files', high_noise_model / low_noise_model = the .gguf files in "
+        "models/diffusion_models.", "",
+        "WIRING: Load Renderer -> Apply Bernini LoRA (high file, strength_high 1, strength_low 0) -> Apply Bernini "
+        "LoRA (low file, strength_high 0, strength_low 1) -> Sample. text_encoder -> Encode Prompt, vae -> Sources "
+        "and Decode.", "",
+        "INPUTS:"] + media_note(task) + ["",
+        "SETTINGS: Sample's preset = fast: guidance none (one pass with every source and the prompt), 4 steps of "
+        "lightx2v's distill sampler on timesteps 1000/750/500/250 at shift 5, experts switched after step 2. Any "
+        "widget you set still wins; preset = official (and no LoRA nodes) is the release's own sampling. Seeds are "
+        "fixed (42).",
+        "OUTPUT: ComfyUI/output/video/Bernini_*.mp4 at 16 fps."])
+
+
+def build(task, family, variant=None):
     x = dict(X)
     if family != "full":  # no planner column: the rest moves left
         for key in ("sample", "decode", "save"):
             x[key] -= x["sample"] - x["plan"]
     name = f"bernini_{task}" if family == "full" else f"bernini_r_{task}"
+    name += f"_{variant}" if variant else ""
     model = "Bernini-Diffusers-v2" if family == "full" else "Bernini-R-Diffusers"
     g = Graph(name)
     planner = g.add("BerniniLoadPlanner", (x["load"], 0), {"model": model}) if family == "full" else None
@@ -289,8 +319,18 @@ def build(task, family):
         g.link(encode, "conditioning", plan, "conditioning")
         g.link(sources, "sources", plan, "sources")
         conditioning = plan
-    sample = g.add("BerniniSampleVideo", (x["sample"], Y))
-    g.link(renderer, "renderer", sample, "renderer")
+    if variant == "fast_lora":
+        sample = g.add("BerniniSampleVideo", (x["sample"], Y), {"preset": "fast"})
+        high = g.add("BerniniApplyLora", (x["sources"], Y - 420), {"lora_name": DISTILL_LORAS["high"],
+                     "strength_high": 1.0, "strength_low": 0.0}, title="Distill LoRA (high-noise expert)", width=420)
+        low = g.add("BerniniApplyLora", (x["sources"], Y - 220), {"lora_name": DISTILL_LORAS["low"],
+                    "strength_high": 0.0, "strength_low": 1.0}, title="Distill LoRA (low-noise expert)", width=420)
+        g.link(renderer, "renderer", high, "renderer")
+        g.link(high, "renderer", low, "renderer")
+        g.link(low, "renderer", sample, "renderer")
+    else:
+        sample = g.add("BerniniSampleVideo", (x["sample"], Y))
+        g.link(renderer, "renderer", sample, "renderer")
     g.link(conditioning, cond_output, sample, "conditioning")
     g.link(sources, "sources", sample, "sources")
     decode = g.add("BerniniDecodeVAE", (x["decode"], Y))
@@ -308,16 +348,17 @@ def build(task, family):
     return name, g
 
 
-CASES = [(t, "full") for t in ("t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v")] + \
-        [(t, "r") for t in ("t2v", "v2v", "rv2v", "r2v")]
+CASES = [(t, "full", None) for t in ("t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v")] + \
+        [(t, "r", None) for t in ("t2v", "v2v", "rv2v", "r2v")] + [("v2v", "r", "fast_lora")]
 
 
 def main():
     out, api = ROOT / "workflows", ROOT / "workflows" / "api"
     api.mkdir(parents=True, exist_ok=True)
-    for task, family in CASES:
-        name, graph = build(task, family)
-        ui = to_ui(graph, note_text(task, family), (-480, 0), (440, 760))
+    for task, family, variant in CASES:
+        name, graph = build(task, family, variant)
+        note = fast_lora_note(task) if variant == "fast_lora" else note_text(task, family)
+        ui = to_ui(graph, note, (-480, 0), (440, 760))
         (out / f"{name}.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (api / f"{name}.json").write_text(json.dumps(to_api(graph), indent=2, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
