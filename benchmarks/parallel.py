@@ -829,6 +829,13 @@ def main(argv=None) -> None:
                    help="model: GPU-to-GPU GB/s each way without NVLink (PCIe 4.0 x16 in practice; 5.0 doubles it)")
     p.add_argument("--a800_tflops", type=float, default=250.0)
     p.add_argument("--a800_link_gbps", type=float, default=200.0)
+    p.add_argument("--ray", action="store_true", help="also the ComfyUI/Ray rows: each multi-process layout through "
+                   "a Bernini Multi-GPU pool vs a torch.distributed world (benchmarks/ray_pool.py; needs ray)")
+    p.add_argument("--ray_model", default=None, help="--ray: a Bernini-R folder (default: the tiny random one)")
+    p.add_argument("--ray_steps", type=int, default=4)
+    p.add_argument("--ray_frames", type=int, default=5)
+    p.add_argument("--ray_size", type=int, default=32)
+    p.add_argument("--ray_dtype", default="fp32")
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.steps, args.layouts, args.timeout = "tiny", 2, "1,U2,C2", min(args.timeout, 120.0)
@@ -839,6 +846,11 @@ def main(argv=None) -> None:
         raise SystemExit("--steps and --repeats must be >= 1")
     if not args.model_only:
         measured(args)
+        if args.ray:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from ray_pool import ray_rows
+
+            ray_rows(args, parse_layouts(args.layouts), print_table)
     if not args.no_model:
         model(args)
 

@@ -55,6 +55,7 @@ GUIDANCE_MODES = RENDERER_GUIDANCE_MODES + tuple(m for m in FULL_GUIDANCE_MODES 
 FLAG_CHOICES = {"guidance_mode": GUIDANCE_MODES + (NO_GUIDANCE,), "preset": PRESET_NAMES, "sampler": SAMPLER_NAMES}
 DTYPE_CHOICES = ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 ATTENTION_CHOICES = ("auto", "sdpa", "flash", "sage")
+PE_BACKENDS = ("openai", "local")  # --pe_backend (tests/test_prompt_enhancer.py checks prompt_enhancer.BACKENDS)
 
 PRESET = "default: the task's official preset"
 # Flags forwarded to the pipeline call under the same name (None = "use the task preset"), with their help.
@@ -228,6 +229,23 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--norm_threshold", type=float, nargs="+", default=None,
                    help="Bernini-R APG modes: norm threshold per guidance term (default: 50 50 50, the official; "
                    "full Bernini ignores it)")
+
+    g = gen.add_argument_group("prompt enhancer (docs/prompt_enhancer.md)")
+    g.add_argument("--use_pe", action="store_true", help="rewrite each prompt for its task before generating, as the "
+                   "official --use_pe: the model sees the prompt, 3 frames of each source video and the reference "
+                   "images; the prompt used is logged and saved beside the output as <output>.prompt.txt "
+                   "(default: off)")
+    g.add_argument("--pe_model", default=None, help="the endpoint's model (default: $BERNINI_PE_MODEL, else the "
+                   "official gpt-5.4-2026-03-05); key and URL come from BERNINI_PE_API_KEY / OPENAI_API_KEY and "
+                   "BERNINI_PE_BASE_URL / OPENAI_BASE_URL, never from a flag")
+    g.add_argument("--pe_backend", default=None, choices=PE_BACKENDS, help="openai = an OpenAI-compatible endpoint "
+                   "(the official); local = a Qwen2.5-VL on this machine, no network: the full-Bernini planner's own "
+                   "model, or --pe_local_model (default: openai)")
+    g.add_argument("--pe_local_model", default=None, metavar="DIR", help="--pe_backend local: a Qwen2.5-VL folder "
+                   "(e.g. Qwen2.5-VL-7B-Instruct) or a Bernini-Diffusers folder to run instead of the loaded planner "
+                   "(default: the planner of a full-Bernini --config)")
+    g.add_argument("--pe_max_new_tokens", type=int, default=None, metavar="N", help="--pe_backend local: the most "
+                   "tokens the model writes (default: 1024; an enhanced prompt takes about 150-400)")
     return parser
 
 
@@ -551,6 +569,9 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     tasks = load_tasks(args)
     family, version = model_family(args)
     check_runs(args, tasks, family, version)  # before the model loads: a typo costs nothing
+    from .prompt_enhancer.cli import check_flags as check_prompt_enhancer_flags
+
+    check_prompt_enhancer_flags(args, family)  # --use_pe: a key for the endpoint, a Qwen2.5-VL for the local one
     args.lora_specs = check_cli_loras(args)
     env = distributed_env()
     check_parallel_flags(args, env)
@@ -670,6 +691,11 @@ def _generate(args, config, runs, count, device, parallel, bars, leader) -> list
             max_trained_src_id=args.max_trained_src_id,
             progress=bars,
         )
+    enhancer = None
+    if getattr(args, "use_pe", False) and leader:  # the prompt is encoded on the leader only
+        from .prompt_enhancer.cli import CliEnhancer
+
+        enhancer = CliEnhancer(args, pipe, config)
     for index, task in runs:
         if bars is not None and count > 1:
             bars.prefix = f"run {index + 1}/{count} "  # which run of the batch each bar belongs to
@@ -679,9 +705,10 @@ def _generate(args, config, runs, count, device, parallel, bars, leader) -> list
         kwargs = generation_kwargs(args)
         if task.get("guidance_mode"):
             kwargs["guidance_mode"] = task["guidance_mode"]
+        prompt = enhancer.enhance(task, args.task_type) if enhancer is not None else task["prompt"]
         out = pipe(
             task=task.get("task_type") or args.task_type,
-            prompt=task["prompt"],
+            prompt=prompt,
             video=video,
             image=task.get("image"),
             images=task.get("images"),
@@ -698,6 +725,8 @@ def _generate(args, config, runs, count, device, parallel, bars, leader) -> list
                  out.frames.shape[2], out.frames.shape[1])
         print(out.output_path, flush=True)  # stdout, bars or not: scripts read the paths from there
         written.append(Path(out.output_path))
+        if enhancer is not None:  # the prompt used: beside the output, and in the settings --save_latents keeps
+            print(enhancer.record(out, task["prompt"], prompt), flush=True)
         if args.save_latents:
             from . import media
 

@@ -13,6 +13,7 @@ import functools
 import os
 import sys
 import types
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -108,6 +109,10 @@ def _patcher_class(base):
     (which computes comfy.lora.calculate_weight over the patcher's patches) on the layer's `weight_function`, and
     unpatching takes it off again, so the packed bytes themselves never change."""
 
+    # ComfyUI patches only the parameters of leaf modules (ModelPatcher._load_list skips modules with children), but
+    # the DiT keeps its per-block modulation (`scale_shift_table`) on the block itself: its LoRA diffs (lightx2v's
+    # `.diff_m` / `.modulation.diff`) are patched here, through ComfyUI's own patch_weight_to_device (backup and
+    # unpatch included), so the patched model equals the standalone merge.
     class BerniniModelPatcher(base):
         def patch_weight_to_device(self, key, *args, **kwargs):
             layer = _quantised_layer(self.model, key)
@@ -118,6 +123,9 @@ def _patcher_class(base):
 
         def load(self, *args, **kwargs):
             result = super().load(*args, **kwargs)
+            device_to = args[0] if args else kwargs.get("device_to")
+            for key in _non_leaf_patch_keys(self):
+                self.patch_weight_to_device(key, device_to=device_to)
             _attach_quantised_patches(self)
             return result
 
@@ -128,6 +136,20 @@ def _patcher_class(base):
 
     BerniniModelPatcher.__name__ = BerniniModelPatcher.__qualname__ = f"Bernini{base.__name__}"
     return BerniniModelPatcher
+
+
+def _non_leaf_patch_keys(patcher) -> list[str]:
+    """Patched parameters that sit on modules with children and are not patched yet."""
+    keys = []
+    for key in patcher.patches:
+        path, _, leaf = key.rpartition(".")
+        try:
+            module = patcher.model.get_submodule(path) if path else patcher.model
+        except AttributeError:
+            continue
+        if any(True for _ in module.children()) and key not in patcher.backup and leaf in module._parameters:
+            keys.append(key)
+    return keys
 
 
 def _quantised_layer(model: torch.nn.Module, key: str) -> Optional[torch.nn.Module]:
@@ -181,6 +203,47 @@ def patched_handle(handle: "PatcherHandle", patches: dict, strength: float) -> "
     clone = handle.patcher.clone()
     clone.add_patches(patches, strength)
     return dataclasses.replace(handle, patcher=clone)
+
+
+class _PoolModel(torch.nn.Module):
+    """What ComfyUI's model management holds for a pool of Bernini Multi-GPU workers: no weights here (they live in
+    the workers); unloading it ends the pool."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool_ref = weakref.ref(pool)
+
+
+def _pool_patcher_class(base):
+    class BerniniPoolPatcher(base):
+        """Ends the pool when ComfyUI unloads it: /free with unload_models, "Unload models" in the menu, or ComfyUI
+        needing the memory of the device the pool was registered on (the next run starts the pool again)."""
+
+        def detach(self, *args, **kwargs):
+            pool = self.model.pool_ref()
+            if pool is not None:
+                pool.shutdown()
+            return super().detach(*args, **kwargs)
+
+    BerniniPoolPatcher.__name__ = BerniniPoolPatcher.__qualname__ = "BerniniPoolPatcher"
+    return BerniniPoolPatcher
+
+
+def track_pool(pool) -> None:
+    """Inside ComfyUI: make the pool one of ComfyUI's loaded models (a weightless ModelPatcher on the device ComfyUI
+    renders on), so that freeing models ends its workers. Outside ComfyUI: nothing (the pool ends with its owner)."""
+    if not comfy_available():
+        return
+    patcher = getattr(pool, "_comfy_patcher", None)
+    if patcher is None:
+        import comfy.model_patcher as model_patcher
+
+        mm = _model_management()
+        device = mm.get_torch_device()
+        patcher = _pool_patcher_class(model_patcher.ModelPatcher)(_PoolModel(pool), load_device=device,
+                                                                  offload_device=device, size=0)
+        pool._comfy_patcher = patcher
+    _model_management().load_models_gpu([patcher])
 
 
 @dataclass

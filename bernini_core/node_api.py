@@ -25,6 +25,8 @@ from .node_models import (  # re-exported: the nodes use node_api only
     RENDERER_DTYPES, RENDERER_FAMILY, SINGLE_FILES, Conditioning, PlannerModel, RendererModel, SourcesBundle,
     TextEncoderModel, VAEModel, file_choices, load_planner, load_renderer, log, planner_choices, renderer_choices)
 from .lora.node_patches import apply_lora
+from .prompt_enhancer.node import ENHANCE_BACKENDS, enhance_prompt  # Enhance Bernini Prompt
+from .prompt_enhancer.node import MAX_NEW_TOKENS_LIMIT as PE_MAX_NEW_TOKENS_LIMIT
 from .sampling.guidance import RENDERER_MODES
 from .sampling.guidance_full import FULL_MODES
 from .tasks import (NO_GUIDANCE, PRESET_NAMES, RENDERER_NEGATIVE_KIND, SAMPLER_NAMES, TASK_NAMES, SourceInputs,
@@ -35,9 +37,19 @@ __all__ = [
     "OFFICIAL_RENDERERS", "PLANNER_DTYPES", "RENDERER_DTYPES", "RENDERER_FAMILY", "SINGLE_FILES", "TASKS",
     "Conditioning", "PlannerModel", "RendererModel", "SourcesBundle", "TextEncoderModel", "VAEModel", "decode",
     "apg_settings", "default_negative_prompt", "encode_prompt", "file_choices", "load_planner", "load_renderer", "plan",
-    "planner_choices", "prepare_sources", "renderer_choices", "sample", "apply_lora", "lora_choices"]
+    "planner_choices", "prepare_sources", "renderer_choices", "sample", "apply_lora", "lora_choices", "multi_gpu",
+    "ENHANCE_BACKENDS", "PE_MAX_NEW_TOKENS_LIMIT", "enhance_prompt"]
 
 TASKS = TASK_NAMES
+
+
+def multi_gpu(gpus: str = "2", ulysses: int = 0, cfg_parallel: int = 1, fsdp: bool = False, ray_address: str = "",
+              device: str = "cuda", timeout: int = 1800):
+    """The Bernini Multi-GPU node: its settings, checked (parallel.pool.PoolOptions); the pool starts when Load Bernini
+    Renderer loads with them."""
+    from .parallel.pool import PoolOptions
+
+    return PoolOptions.from_node(gpus, ulysses, cfg_parallel, fsdp, ray_address, device, float(timeout))
 
 
 def lora_choices() -> list[str]:
@@ -307,28 +319,40 @@ def sample(renderer: RendererModel, conditioning: Conditioning, sources: Sources
         settings["boundary_step_index"] = None
     for name in ignored_by_mode(settings, overrides):
         log.warning("Sample Bernini Video: %s is ignored: guidance_mode 'none' reads no guidance weights.", name)
+    task_inputs = conditioning.plan if renderer.family == FULL_FAMILY else conditioning.embeds
+    if renderer.pool is not None:  # Bernini Multi-GPU: the experts render on the pool
+        from .parallel.pool.nodes import pool_sample
+
+        boundary = _checked_boundary(expert_boundary)
+        latents = pool_sample(renderer, task_inputs, sources.sources, settings, boundary=boundary)
+        return {"samples": pipe.components.vae.denormalize(latents).to(comfy_bridge.intermediate_device())}
     if renderer.experts is not None:  # Apply Bernini LoRA: the experts' patched clones
         pipe = copy.copy(pipe)
         pipe.experts = renderer.experts
     pipe = _with_expert_boundary(pipe, expert_boundary)
-    if renderer.family == FULL_FAMILY:
-        latents = pipe.sample(conditioning.plan, sources.sources, settings)
-    else:
-        latents = pipe.sample(conditioning.embeds, sources.sources, settings)
+    latents = pipe.sample(task_inputs, sources.sources, settings)
     raw = pipe.components.vae.denormalize(latents)  # ComfyUI's Wan LATENT convention (docs/architecture.md §6)
     return {"samples": raw.to(comfy_bridge.intermediate_device())}
 
 
-def _with_expert_boundary(pipe, expert_boundary: float):
-    """A shallow copy of the pipeline switching experts at `expert_boundary` (-1: the model's own)."""
+def _checked_boundary(expert_boundary: float) -> Optional[float]:
+    """The widget's expert boundary, or None for the model's own (-1)."""
     if expert_boundary is not None and not math.isfinite(expert_boundary):  # NaN passes ComfyUI's min/max check
         raise BerniniError(f"Sample Bernini Video: expert_boundary is {expert_boundary}; give a number in [0, 1] "
                            "(0.875 in the release) or -1 for the model's own.")
     if expert_boundary is None or expert_boundary < 0:
-        return pipe
+        return None
     if expert_boundary > 1:
         raise BerniniError(f"Sample Bernini Video: expert_boundary {expert_boundary} must be in [0, 1] (a fraction of "
                            "the 1000 timesteps; 0.875 in the release) or -1 for the model's own.")
+    return float(expert_boundary)
+
+
+def _with_expert_boundary(pipe, expert_boundary: float):
+    """A shallow copy of the pipeline switching experts at `expert_boundary` (-1: the model's own)."""
+    expert_boundary = _checked_boundary(expert_boundary)
+    if expert_boundary is None:
+        return pipe
     if pipe.experts.low is None:
         log.warning("Sample Bernini Video: expert_boundary ignored; this renderer has a single expert.")
         return pipe

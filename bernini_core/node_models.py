@@ -55,6 +55,7 @@ class RendererModel(_ModelRef):
 
     experts: Any = None  # denoise.Experts, or None: the pipeline's own
     loras: tuple = ()
+    pool: Any = None  # parallel.pool.WorkerPool: the experts live on a Ray pool (Bernini Multi-GPU), not here
 
     @property
     def effective_experts(self):
@@ -202,9 +203,17 @@ def load_planner(name: str, weight_dtype: str = "bf16", download: str = "never")
 
 def load_renderer(name: str, weight_dtype: str = "bf16", attention: str = "auto", download: str = "never",
                   high_noise_model: str = NONE, low_noise_model: str = NONE, text_encoder: str = NONE,
-                  vae: str = NONE) -> tuple[RendererModel, TextEncoderModel, VAEModel]:
+                  vae: str = NONE, parallel=None) -> tuple[RendererModel, TextEncoderModel, VAEModel]:
     """UMT5 + DiT experts + VAE: an official / models/bernini folder (full Bernini without its planner, or
-    Bernini-R), or "single files" from models/diffusion_models, text_encoders and vae (Bernini-R)."""
+    Bernini-R), or "single files" from models/diffusion_models, text_encoders and vae (Bernini-R).
+
+    `parallel` (parallel.pool.PoolOptions, from the Bernini Multi-GPU node): the experts load on a pool of Ray
+    workers instead (parallel/pool); this process keeps UMT5 and the VAE."""
+    if parallel is not None:
+        from .parallel.pool.nodes import load_pooled_renderer
+
+        return load_pooled_renderer(name, weight_dtype, attention, download, high_noise_model, low_noise_model,
+                                    text_encoder, vae, parallel)
     if weight_dtype not in RENDERER_DTYPES:
         raise BerniniError(f"Load Bernini Renderer: weight_dtype must be one of {', '.join(RENDERER_DTYPES)}, "
                            f"got {weight_dtype!r}.")
@@ -226,7 +235,7 @@ def load_renderer(name: str, weight_dtype: str = "bf16", attention: str = "auto"
     return tuple(cls(pipe, pipe.family, version, name) for cls in (RendererModel, TextEncoderModel, VAEModel))
 
 
-def _load_folder(name, weight_dtype, attention, download, runtime):
+def _load_folder(name, weight_dtype, attention, download, runtime, parts=None):
     from .loaders import load_renderer as load_renderer_folder
     from .loaders_full import CLI_OVERRIDES, is_full_bernini_dir, load_full
     from .pipeline import RendererPipeline
@@ -241,12 +250,13 @@ def _load_folder(name, weight_dtype, attention, download, runtime):
     # the official CLI's loader settings (loaders_full.CLI_OVERRIDES, docs/official_behaviour.md §5.4)
     if is_full_bernini_dir(path):
         components = load_full(path, dtype=dtype, attention=attention, overrides=dict(CLI_OVERRIDES), ops=ops,
-                               with_planner=False, with_renderer=True)
+                               with_planner=False, with_renderer=True, parts=parts)
         return FullPipeline(components, runtime, dtype)
-    return RendererPipeline(load_renderer_folder(path, dtype=dtype, attention=attention, ops=ops), runtime)
+    return RendererPipeline(load_renderer_folder(path, dtype=dtype, attention=attention, ops=ops, parts=parts),
+                            runtime)
 
 
-def _load_single_files(weight_dtype, attention, runtime, high, low, text_encoder, vae):
+def _load_single_files(weight_dtype, attention, runtime, high, low, text_encoder, vae, with_experts=True):
     """Bernini-R from ComfyUI single files; one diffusion file = a single expert (boundary 0)."""
     from .loaders import RendererComponents, RendererConfig, load_dit_file, load_vae
     from .pipeline import RendererPipeline
@@ -268,8 +278,8 @@ def _load_single_files(weight_dtype, attention, runtime, high, low, text_encoder
 
     components = RendererComponents(
         config=RendererConfig(),  # the released renderer config.json values (docs/official_behaviour.md §2.3)
-        dit_high=expert(high),
-        dit_low=expert(low) if low not in (None, "", NONE) else None,
+        dit_high=expert(high) if with_experts else None,
+        dit_low=expert(low) if with_experts and low not in (None, "", NONE) else None,
         text_encoder=UMT5TextEncoder.from_single_file(comfy_bridge.model_path("text_encoders", text_encoder),
                                                       dtype=dtype),
         vae=load_vae(comfy_bridge.model_path("vae", vae), ops=ops),

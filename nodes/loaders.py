@@ -78,13 +78,16 @@ class BerniniLoadRenderer:
                 "vae": (vaes, {
                     "default": "none",
                     "tooltip": "'single files' only: the Wan 2.1 VAE (wan_2.1_vae.safetensors) from models/vae."}),
+                "parallel": ("BERNINI_PARALLEL", {
+                    "tooltip": "From Bernini Multi-GPU: the DiT experts load on a pool of GPUs (Ray workers) and "
+                               "Sample Bernini Video renders there; unconnected = this process."}),
             },
         }
 
     def load(self, model, weight_dtype, attention, download, high_noise_model="none", low_noise_model="none",
-             text_encoder="none", vae="none"):
+             text_encoder="none", vae="none", parallel=None):
         return node_api.load_renderer(model, weight_dtype, attention, download, high_noise_model, low_noise_model,
-                                      text_encoder, vae)
+                                      text_encoder, vae, parallel=parallel)
 
 
 NODE_CLASS_MAPPINGS = {"BerniniLoadPlanner": BerniniLoadPlanner, "BerniniLoadRenderer": BerniniLoadRenderer}

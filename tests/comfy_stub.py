@@ -82,6 +82,13 @@ def build(models_dir) -> tuple[dict, Recorder]:
             rec.interrupt_at = None  # ComfyUI clears the flag when it raises
             raise InterruptProcessingException()
 
+    def unload_all_models():
+        """model_management.unload_all_models (/free with unload_models): every loaded model is detached."""
+        for patcher in list(rec.current):
+            patcher.detach()
+        rec.current.clear()
+
+    mm.unload_all_models = unload_all_models
     mm.InterruptProcessingException = InterruptProcessingException
     mm.load_models_gpu = load_models_gpu
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
@@ -133,10 +140,15 @@ def build(models_dir) -> tuple[dict, Recorder]:
 
         def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
             for name, module in self.model.named_modules():
+                if any(True for _ in module.children()):
+                    continue  # ModelPatcher._load_list: parameters of non-leaf modules are never patched
                 for leaf, _ in list(module.named_parameters(recurse=False)):
                     key = f"{name}.{leaf}" if name else leaf
                     if key in self.patches:
                         self.patch_weight_to_device(key, device_to)
+
+        def detach(self, unpatch_all=True):
+            self.unpatch_model(unpatch_weights=unpatch_all)
 
         def unpatch_model(self, device_to=None, unpatch_weights=True):
             if unpatch_weights:

@@ -18,7 +18,7 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF
 PLANNER_SEED_MAX = 0xFFFFFFFF  # numpy seeds (the planner) take 32 bits
 
 CUSTOM_TYPES = {"BERNINI_PLANNER", "BERNINI_RENDERER", "BERNINI_TEXT_ENCODER", "BERNINI_VAE", "BERNINI_CONDITIONING",
-                "BERNINI_SOURCES", "BERNINI_APG"}
+                "BERNINI_SOURCES", "BERNINI_APG", "BERNINI_PARALLEL"}
 COMFY_TYPES = {"IMAGE", "LATENT", "INT", "FLOAT", "STRING", "BOOLEAN"}
 TASKS = ["t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v"]
 MODES = ["auto", "rv2v", "v2v", "v2v_chain", "t2v", "r2v_apg", "v2v_apg", "t2v_apg", "vae_txt_vit_wapg", "vae_txt_vit",
@@ -39,8 +39,13 @@ CONTRACT = {
         ("download", ["never", "if missing"], "never"),
     ], [
         ("high_noise_model", "COMBO", "none"), ("low_noise_model", "COMBO", "none"),
-        ("text_encoder", "COMBO", "none"), ("vae", "COMBO", "none"),
+        ("text_encoder", "COMBO", "none"), ("vae", "COMBO", "none"), ("parallel", "BERNINI_PARALLEL", None),
     ], [("BERNINI_RENDERER", "renderer"), ("BERNINI_TEXT_ENCODER", "text_encoder"), ("BERNINI_VAE", "vae")]),
+    "BerniniMultiGPU": ("Bernini Multi-GPU", "Bernini/loaders", [
+        ("gpus", "STRING", "2", "single line"), ("ulysses", "INT", 0, 0, 64, None),
+        ("cfg_parallel", "INT", 1, 1, 8, None), ("fsdp", "BOOLEAN", False), ("ray_address", "STRING", "", "single line"),
+        ("device", ["cuda", "cpu"], "cuda"), ("timeout", "INT", 1800, 10, 86400, None),
+    ], [], [("BERNINI_PARALLEL", "parallel")]),
     "BerniniEncodePrompt": ("Encode Bernini Prompt", "Bernini/conditioning", [
         ("text_encoder", "BERNINI_TEXT_ENCODER", None),
         ("task", TASKS, "t2v"),
@@ -85,6 +90,15 @@ CONTRACT = {
         ("vae", "BERNINI_VAE", None), ("samples", "LATENT", None), ("tiled", "BOOLEAN", False),
         ("tile_size", "INT", 256, 64, 2048, 16), ("tile_overlap", "INT", 64, 0, 1024, 16),
     ], [], [("IMAGE", "images")]),
+    "BerniniEnhancePrompt": ("Enhance Bernini Prompt", "Bernini/conditioning", [
+        ("task", TASKS, "t2v"), ("prompt", "STRING", ""), ("backend", ["local", "openai"], "local"),
+        ("max_new_tokens", "INT", 1024, 1, 8192, 1), ("sampling", "BOOLEAN", False),
+        ("sampling_seed", "INT", 0, 0, SEED_MAX, None),
+    ], [
+        ("planner", "BERNINI_PLANNER", None), ("source_video", "IMAGE", None), ("source_image", "IMAGE", None),
+        ("reference_images", "IMAGE", None), ("reference_video", "IMAGE", None),
+        ("endpoint_model", "STRING", "", "single line"),
+    ], [("STRING", "prompt")]),
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -156,8 +170,8 @@ def test_input_types_are_valid_object_info_in_contract_order(pack, key):
                 assert isinstance(options["default"], int if actual_type == "INT" else float)
             if actual_type in ("STRING", "BOOLEAN"):
                 assert options["default"] == row[2]
-            if actual_type == "STRING":
-                assert options.get("multiline") is True
+            if actual_type == "STRING":  # prompts are multi-line; settings (gpus, an address) single-line
+                assert options.get("multiline") is (len(row) < 4 or row[3] != "single line")
             if actual_type not in WIDGET_TYPES:
                 assert "default" not in options  # a socket, not a widget
     if "seed" in info["required"]:

@@ -24,13 +24,16 @@ WORKFLOWS, API = ROOT / "workflows", ROOT / "workflows" / "api"
 FULL_TASKS = ("t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v")
 R_TASKS = ("t2v", "v2v", "rv2v", "r2v")
 FAST_LORA = "bernini_r_v2v_fast_lora"  # Bernini-R v2v with the lightx2v 4-step distill LoRA pair, preset fast
-NAMES = [f"bernini_{t}" for t in FULL_TASKS] + [f"bernini_r_{t}" for t in R_TASKS] + [FAST_LORA]
+MULTI_GPU = ("bernini_r_t2v_multigpu", "bernini_v2v_multigpu")  # Bernini Multi-GPU -> the renderer's parallel input
+ENHANCED = "bernini_v2v_enhanced"  # Enhance Bernini Prompt (local backend: the planner's Qwen2.5-VL) -> Encode's prompt
+NAMES = [f"bernini_{t}" for t in FULL_TASKS] + [f"bernini_r_{t}" for t in R_TASKS] + [FAST_LORA, *MULTI_GPU, ENHANCED]
 DISTILL_LORAS = ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
                  "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors")
 
 
 def task_of(name: str) -> str:
-    return re.sub(r"^bernini_(r_)?", "", name).removesuffix("_fast_lora")
+    base = re.sub(r"^bernini_(r_)?", "", name)
+    return base.removesuffix("_fast_lora").removesuffix("_multigpu").removesuffix("_enhanced")
 VIDEO_SOURCE_TASKS = ("v2v", "mv2v", "rv2v", "ads2v")
 
 # Widget order of the node contract (docs/node_contract.md §2), control_after_generate after each seed, and of the
@@ -47,6 +50,9 @@ CONTRACT_WIDGETS = {
                            "omega_scale", "seed", "control_after_generate", "expert_boundary", "preset", "sampler"],
     "BerniniDecodeVAE": ["tiled", "tile_size", "tile_overlap"],
     "BerniniApplyLora": ["lora_name", "strength_high", "strength_low"],
+    "BerniniMultiGPU": ["gpus", "ulysses", "cfg_parallel", "fsdp", "ray_address", "device", "timeout"],
+    "BerniniEnhancePrompt": ["task", "prompt", "backend", "max_new_tokens", "sampling", "sampling_seed",
+                             "endpoint_model"],
     "LoadImage": ["image", "upload"], "LoadVideo": ["file", "upload"], "GetVideoComponents": [],
     "CreateVideo": ["fps"], "SaveVideo": ["filename_prefix", "format", "codec"], "SaveImage": ["filename_prefix"],
 }
@@ -170,8 +176,21 @@ def test_ui_workflow_is_wired_for_its_task(name):
     model = "Bernini-Diffusers-v2" if full else "Bernini-R-Diffusers"
     for loader in nodes_of(workflow, "BerniniLoadPlanner") + nodes_of(workflow, "BerniniLoadRenderer"):
         assert loader["widgets_values"][0] == model and model in STATIC_MODELS[loader["type"]]
+    (loader,) = nodes_of(workflow, "BerniniLoadRenderer")
+    parallel = feeders(loader, "parallel")
+    assert (parallel is not None) == (name in MULTI_GPU)
+    if parallel is not None:
+        assert parallel["type"] == "BerniniMultiGPU" and parallel["widgets_values"][0] == "2"
     video_fed = feeders(sources, "source_video")
     assert (video_fed is not None) == (task in VIDEO_SOURCE_TASKS)
+    # the prompt widget turned into an input (only then listed in inputs), fed by Enhance Bernini Prompt
+    enhancer = feeders(encode, "prompt") if any(i["name"] == "prompt" for i in encode["inputs"]) else None
+    assert (enhancer is not None) == (name == ENHANCED) == bool(nodes_of(workflow, "BerniniEnhancePrompt"))
+    if enhancer is not None:  # the planner's Qwen2.5-VL, shown the frames Sources gets
+        assert enhancer["type"] == "BerniniEnhancePrompt"
+        assert enhancer["widgets_values"][:3] == [task, encode["widgets_values"][1], "local"]
+        assert feeders(enhancer, "planner")["type"] == "BerniniLoadPlanner"
+        assert feeders(enhancer, "source_video") is video_fed
     if video_fed is not None:  # frames and frame rate of the same GetVideoComponents
         assert video_fed["type"] == "GetVideoComponents" and feeders(sources, "video_fps") is video_fed
         assert feeders(video_fed, "video")["type"] == "LoadVideo"
@@ -202,11 +221,15 @@ def test_note_says_what_to_download_and_connect(name):
     assert "preset" in text
     if name == FAST_LORA:
         assert all(f"  {lora}" in text for lora in DISTILL_LORAS) and "models/loras" in text
+    if name in MULTI_GPU:
+        assert "pip install" in text and "ray start --head" in text and "Free model" in text
+    if name == ENHANCED:  # where the endpoint settings live, and that no key goes into the workflow
+        assert "BERNINI_PE_API_KEY" in text and "Never put a key" in text and "backend local" in text
 
 
 ROLE_IDS = {"3": "BerniniEncodePrompt", "4": "BerniniSources", "5": "BerniniPlanSemantics",
             "6": "BerniniSampleVideo", "9": ("SaveVideo", "SaveImage"), "10": "LoadVideo", "12": "LoadVideo",
-            "14": "LoadImage", "15": "LoadImage"}
+            "14": "LoadImage", "15": "LoadImage", "20": "BerniniEnhancePrompt"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -473,7 +496,7 @@ class Recorder:
 
 TINY = {"BerniniSources": {"width": 32, "height": 32, "frames": 5, "max_image_size": 48},
         "BerniniPlanSemantics": {"planning_steps": 2, "vit_denoising_steps": 1},
-        "BerniniSampleVideo": {"steps": 2}}
+        "BerniniSampleVideo": {"steps": 2}, "BerniniEnhancePrompt": {"max_new_tokens": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -500,7 +523,8 @@ def _cached(cls, cache):
     return Cached
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != FAST_LORA])  # FAST_LORA needs ComfyUI: below
+# FAST_LORA needs ComfyUI (below); the multi-GPU graphs need Ray (tests/integration/test_ray_pool.py)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != FAST_LORA and n not in MULTI_GPU])
 def test_api_workflow_runs_on_the_tiny_checkpoints(pack, defs, tiny_models, loader_cache, monkeypatch, name):
     from bernini_core import comfy_bridge
 
@@ -519,7 +543,9 @@ def test_api_workflow_runs_on_the_tiny_checkpoints(pack, defs, tiny_models, load
     for loader in ("BerniniLoadPlanner", "BerniniLoadRenderer"):
         classes[loader] = _cached(classes[loader], loader_cache)
     classes.update(recorder.classes())
-    wt.execute_prompt(prompt, classes)
+    outputs = wt.execute_prompt(prompt, classes)
+    if name == ENHANCED:  # the planner's Qwen2.5-VL wrote the prompt Encode Prompt encoded
+        assert isinstance(outputs["20"][0], str) and prompt["3"]["inputs"]["prompt"] == ["20", 0]
 
     task = task_of(name)
     (kind, frames, fps, prefix), = recorder.saved

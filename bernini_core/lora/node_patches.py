@@ -32,12 +32,15 @@ def apply_lora(renderer, lora_name: str, strength_high: float = 1.0, strength_lo
     strength_high = _check_strength("strength_high", strength_high)
     strength_low = _check_strength("strength_low", strength_low)
     experts = renderer.effective_experts
-    if experts is None:
+    if experts is None and renderer.pool is None:
         raise BerniniError(f"{NODE}: the renderer holds no DiT experts (they were not loaded); load the renderer with "
                            "its experts.")
     if not isinstance(lora_name, str) or not lora_name or lora_name == "none":
         raise BerniniError(f"{NODE}: lora_name is {lora_name!r}; pick a LoRA file from models/loras.")
-    lora = read_lora(comfy_bridge.model_path("loras", lora_name))
+    path = comfy_bridge.model_path("loras", lora_name)
+    if renderer.pool is not None:
+        return _pooled(renderer, lora_name, path, strength_high, strength_low)
+    lora = read_lora(path)
     dit = experts.high.module
     # the standalone merge's plan: refuses a LoRA matching nothing / of the wrong size, warns once for stray keys
     lora_patches(lora, dit)
@@ -53,3 +56,25 @@ def apply_lora(renderer, lora_name: str, strength_high: float = 1.0, strength_lo
     applied = (lora_name, strength_high, strength_low if experts.low is not None else None)
     return dataclasses.replace(renderer, experts=dataclasses.replace(experts, high=high, low=low),
                                loras=renderer.loras + (applied,))
+
+
+def _pooled(renderer, lora_name: str, path, strength_high: float, strength_low: float):
+    """A renderer whose experts live on a Bernini Multi-GPU pool: the pool's ranks merge the LoRA into their experts
+    when they load (before any sharding). The result carries a new pool of the same layout; starting it ends the
+    previous one (GPUs hold one pool at a time), so switching between graphs with and without the LoRA reloads the
+    experts instead of patching them in place."""
+    from ..parallel.pool import WorkerPool
+    from .files import read_lora
+
+    read_lora(path)  # a file that is no LoRA is refused here; its keys are matched on the ranks
+    pool = renderer.pool
+    entries = list(pool.spec.get("loras", []))
+    if strength_high != 0:
+        entries.append([str(path), strength_high, "high"])
+    has_low = pool.loaded["low"] if pool.loaded else pool.spec.get("kind") == "folder" or bool(pool.spec.get("low"))
+    if has_low and strength_low != 0:
+        entries.append([str(path), strength_low, "low"])
+    new_pool = WorkerPool(pool.options, {**pool.spec, "loras": entries}, heads=pool.heads, dtype=pool.dtype,
+                          attention=pool.attention, label=pool.label)
+    applied = (lora_name, strength_high, strength_low if has_low else None)
+    return dataclasses.replace(renderer, pool=new_pool, loras=renderer.loras + (applied,))

@@ -35,7 +35,8 @@ ROLE_IDS = {"BerniniLoadPlanner": 1, "BerniniLoadRenderer": 2, "BerniniEncodePro
             "SaveVideo": 9, "SaveImage": 9, "Load Source Video": 10, "Source Video Frames": 11,
             "Load Reference Video": 12, "Reference Video Frames": 13, "Load Image to Edit": 14,
             "Load Reference Image": 14, "Load Reference Image 1": 14, "Load Reference Image 2": 15, "Note": 16,
-            "Distill LoRA (high-noise expert)": 17, "Distill LoRA (low-noise expert)": 18}
+            "Distill LoRA (high-noise expert)": 17, "Distill LoRA (low-noise expert)": 18, "BerniniMultiGPU": 19,
+            "BerniniEnhancePrompt": 20}
 # lightx2v's Wan2.2 T2V 4-step distillation LoRA pair, as ComfyUI's own Wan 2.2 templates name them
 # (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, split_files/loras/).
 DISTILL_LORAS = {"high": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
@@ -270,6 +271,38 @@ def fast_lora_note(task):
         "OUTPUT: ComfyUI/output/video/Bernini_*.mp4 at 16 fps."])
 
 
+def multigpu_note(task, family):
+    base = note_text(task, family).split("\n")
+    head = base[0].replace(" - ", " on several GPUs - ", 1)
+    extra = ["", "MULTI-GPU: Bernini Multi-GPU -> Load Renderer's parallel input. The DiT experts load on a pool of Ray "
+             "workers, one per GPU, which split every denoising step (ulysses: the tokens of each pass; cfg_parallel: "
+             "the guidance passes); UMT5, the VAE" + (" and the planner" if family == "full" else "") + " stay in "
+             "ComfyUI. Needs Ray in ComfyUI's Python: pip install \"ray>=2.9\".",
+             "- gpus: a count (any GPUs of the Ray cluster) or ids of this machine's GPUs (0,1,2,3). ulysses 0 = auto "
+             "(a divisor of the 40 heads: 2, 4, 5, 8). fsdp shards each expert over the GPUs when a whole one does not "
+             "fit.",
+             "- ray_address empty = a Ray runtime on this machine; 'auto' or host:port = a cluster (ray start --head; "
+             "ray start --address=HEAD:6379 on the others; the model must be at the same path on every machine).",
+             "- The pool stays loaded between runs; 'Free model and node cache' ends it. device cpu = CPU worker "
+             "processes, to try the graph without GPUs."]
+    return "\n".join([head] + base[1:] + extra)
+
+
+def enhanced_note(task):
+    base = note_text(task, "full").split("\n")
+    head = base[0].replace(" - ", " with prompt enhancement - ", 1)
+    extra = ["", "PROMPT ENHANCEMENT: Enhance Bernini Prompt rewrites the short prompt as the official --use_pe does, "
+             "here with backend local: the planner's own Qwen2.5-VL reads the prompt and three frames of the source "
+             "video and writes the detailed English editing prompt (what changes, what stays). Nothing leaves this "
+             "machine. Its output feeds Encode Bernini Prompt's prompt input (the text typed in Encode Prompt is not "
+             "used while the link is connected); the enhanced text shows on the node.",
+             "- backend openai: an OpenAI-compatible endpoint, set only in the environment ComfyUI runs in: "
+             "BERNINI_PE_API_KEY (or OPENAI_API_KEY), BERNINI_PE_BASE_URL (or OPENAI_BASE_URL), BERNINI_PE_MODEL. "
+             "Never put a key in the workflow.",
+             "- sampling off = the same text every run; on = variations from sampling_seed."]
+    return "\n".join([head] + base[1:] + extra)
+
+
 def build(task, family, variant=None):
     x = dict(X)
     if family != "full":  # no planner column: the rest moves left
@@ -281,6 +314,10 @@ def build(task, family, variant=None):
     g = Graph(name)
     planner = g.add("BerniniLoadPlanner", (x["load"], 0), {"model": model}) if family == "full" else None
     renderer = g.add("BerniniLoadRenderer", (x["load"], Y), {"model": model})
+    if variant == "multigpu":
+        parallel = g.add("BerniniMultiGPU", (x["load"], Y - 420 if family != "full" else Y + 420 + 420 * (
+            task in ("v2v", "mv2v", "rv2v", "ads2v"))), {"gpus": "2"})
+        g.link(parallel, "parallel", renderer, "parallel")
     encode = g.add("BerniniEncodePrompt", (x["encode"], Y), {"task": task, "prompt": PROMPTS[task]}, width=380)
     sources = g.add("BerniniSources", (x["sources"], Y), {"fps": 16})
     g.link(renderer, "text_encoder", encode, "text_encoder")
@@ -312,6 +349,12 @@ def build(task, family, variant=None):
                        title="Load Reference Image 2")
         g.link(first, "IMAGE", sources, "reference_images")
         g.link(second, "IMAGE", sources, "reference_image_2")
+    if variant == "enhanced":  # the planner's Qwen2.5-VL writes the prompt Encode Prompt encodes
+        enhance = g.add("BerniniEnhancePrompt", (x["encode"], Y - 460),
+                        {"task": task, "prompt": PROMPTS[task], "backend": "local"}, width=380)
+        g.link(planner, "planner", enhance, "planner")
+        g.link(ROLE_IDS["Source Video Frames"], "images", enhance, "source_video")
+        g.link(enhance, "prompt", encode, "prompt")
     conditioning, cond_output = encode, "conditioning"
     if family == "full":
         plan = g.add("BerniniPlanSemantics", (x["plan"], Y))
@@ -349,7 +392,9 @@ def build(task, family, variant=None):
 
 
 CASES = [(t, "full", None) for t in ("t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v", "r2v", "ads2v")] + \
-        [(t, "r", None) for t in ("t2v", "v2v", "rv2v", "r2v")] + [("v2v", "r", "fast_lora")]
+        [(t, "r", None) for t in ("t2v", "v2v", "rv2v", "r2v")] + [("v2v", "r", "fast_lora")] + \
+        [("t2v", "r", "multigpu"), ("v2v", "full", "multigpu")] + \
+        [("v2v", "full", "enhanced")]
 
 
 def main():
@@ -357,7 +402,9 @@ def main():
     api.mkdir(parents=True, exist_ok=True)
     for task, family, variant in CASES:
         name, graph = build(task, family, variant)
-        note = fast_lora_note(task) if variant == "fast_lora" else note_text(task, family)
+        note = {"fast_lora": fast_lora_note(task), "multigpu": multigpu_note(task, family),
+                "enhanced": enhanced_note(task)}.get(
+            variant, note_text(task, family))
         ui = to_ui(graph, note, (-480, 0), (440, 760))
         (out / f"{name}.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (api / f"{name}.json").write_text(json.dumps(to_api(graph), indent=2, ensure_ascii=False) + "\n",

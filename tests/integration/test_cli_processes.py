@@ -83,8 +83,8 @@ def test_parallel_benchmark_quick_run_prints_its_tables():
     assert bench.rank_forward_flops(bench.A14B, 32760, 512, 1) == bench.forward_flops(bench.A14B, 32760, 512)
     assert bench.a2a_layer_bytes(32760, 5120, 8, 2) == 4 * 32760 * 5120 * 2 * 7 / 64
 
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parallel.py"), "--quick"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parallel.py"), "--quick", "--ray"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     out = result.stdout
     for text in ("| time per step", "| speed-up", "| efficiency", "| received / rank", "| formula bytes",
@@ -93,6 +93,11 @@ def test_parallel_benchmark_quick_run_prints_its_tables():
                  "| U2xC4", "### Anchors", "34.8 s/step"):
         assert text in out, text
     assert "instrumented bytes equal the formula for every collective" in out
+    # the ComfyUI/Ray rows: each multi-process layout through a Bernini Multi-GPU pool, with its numbers
+    ray_table = out[out.index("## ComfyUI/Ray"):].splitlines()
+    assert [line.split("|")[1].strip() for line in ray_table if line.startswith("| U") or line.startswith("| C")] == [
+        "U2", "C2"]
+    assert all(" ms" in line for line in ray_table if line.startswith(("| U", "| C")))
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if "| max rel. diff vs 1" in line)
     layouts = {}
