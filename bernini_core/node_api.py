@@ -48,8 +48,11 @@ def multi_gpu(gpus: str = "2", ulysses: int = 0, cfg_parallel: int = 1, fsdp: bo
     """The Bernini Multi-GPU node: its settings, checked (parallel.pool.PoolOptions); the pool starts when Load Bernini
     Renderer loads with them."""
     from .parallel.pool import PoolOptions
+    from .parallel.pool.pool import import_ray
 
-    return PoolOptions.from_node(gpus, ulysses, cfg_parallel, fsdp, ray_address, device, float(timeout))
+    options = PoolOptions.from_node(gpus, ulysses, cfg_parallel, fsdp, ray_address, device, float(timeout))
+    import_ray()  # without Ray: how to install it, on this node
+    return options
 
 
 def lora_choices() -> list[str]:

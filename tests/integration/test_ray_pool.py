@@ -118,10 +118,33 @@ def test_ulysses_and_arm_groups_equal_one_process(pack, comfy_world, reference_r
 def test_full_bernini_v2v_on_the_pool_equals_one_process(pack, media_video):
     planner = pack.BerniniLoadPlanner.load("Bernini-Diffusers-v2", "fp32", "never")[0]
     reference = chain(pack, load(pack, "Bernini-Diffusers-v2"), "v2v", planner, media_video)
-    loaded = load(pack, "Bernini-Diffusers-v2", multi_gpu(pack))
-    got = chain(pack, loaded, "v2v", planner, media_video)
-    assert relative(got, reference) <= 1e-5
-    loaded[0].pool.shutdown()
+    first = None
+    for ulysses, cfg in ((2, 1), (1, 2)):
+        loaded = load(pack, "Bernini-Diffusers-v2", multi_gpu(pack, ulysses=ulysses, cfg=cfg))
+        if first is not None:  # new settings: starting their pool ended the previous one (GPUs hold one pool)
+            assert not first.running
+        first = loaded[0].pool
+        got = chain(pack, loaded, "v2v", planner, media_video)
+        assert relative(got, reference) <= 1e-5, (ulysses, cfg)
+    first.shutdown()
+
+
+def test_the_pool_ends_with_its_process(tmp_path, tiny_renderer_dir):
+    """No orphan workers: a process that started a pool exits, and its workers are gone."""
+    import subprocess
+
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from bernini_core.parallel.pool import PoolOptions, WorkerPool\n"
+              f"pool = WorkerPool(PoolOptions.from_node('2', device='cpu'), {{'kind': 'folder', 'path': "
+              f"{str(tiny_renderer_dir)!r}}}, heads=2, dtype='fp32').start()\n"
+              "print('PIDS', *pool.pids(), flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pids = [int(p) for p in next(line for line in result.stdout.splitlines() if line.startswith("PIDS")).split()[1:]]
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
 
 
 @pytest.fixture(scope="module")
