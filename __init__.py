@@ -14,6 +14,9 @@ if _PACK_DIR not in sys.path:
 
 if __package__:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from bernini_core.example_inputs import install_into_comfyui
+
+    install_into_comfyui()  # the shared workflows' example media into ComfyUI's input/, only where absent
 else:  # executed as a plain script (no package context): nothing to register
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 

@@ -101,6 +101,36 @@ class _PatcherModel(torch.nn.Module):
         self.inner = module
 
 
+# ComfyUI's log names a model by its class name ("Requested to load <class>"): one subclass of _PatcherModel per
+# handle role, named for the model it holds (an identifier, as ComfyUI prints it as is).
+MODEL_CLASS_NAMES = {
+    "dit_high": "BerniniHighNoiseExpert",
+    "dit_low": "BerniniLowNoiseExpert",
+    "umt5": "BerniniUMT5TextEncoder",
+    "t5": "BerniniUMT5TextEncoder",
+    "text_encoder": "BerniniUMT5TextEncoder",
+    "vae": "BerniniWan21VAE",
+    "planner": "BerniniPlanner",
+    "planner_lm_head": "BerniniPlannerLMHead",
+    "prompt_enhancer": "BerniniPromptEnhancer",
+}
+POOL_CLASS_NAME = "BerniniMultiGPUPool"
+
+
+def model_class_name(handle_name: str) -> str:
+    """The class name ComfyUI logs for the model of a handle role; unknown roles read as Bernini<CamelCase>."""
+    known = MODEL_CLASS_NAMES.get(handle_name)
+    if known:
+        return known
+    words = [w for w in "".join(c if c.isalnum() else " " for c in handle_name).split() if w]
+    return "Bernini" + "".join(w[:1].upper() + w[1:] for w in words)
+
+
+@functools.lru_cache(maxsize=None)  # one class per (base, name): stable, built once
+def _named_model_class(base: type, name: str) -> type:
+    return type(name, (base,), {"__module__": __name__, "__qualname__": name})
+
+
 @functools.lru_cache(maxsize=4)  # one subclass per ComfyUI patcher class: stable, built once
 def _patcher_class(base):
     """ComfyUI's (Core)ModelPatcher, taught about quantised layers (GGUF experts, bernini_core/gguf): their weight
@@ -240,8 +270,9 @@ def track_pool(pool) -> None:
 
         mm = _model_management()
         device = mm.get_torch_device()
-        patcher = _pool_patcher_class(model_patcher.ModelPatcher)(_PoolModel(pool), load_device=device,
-                                                                  offload_device=device, size=0)
+        model = _named_model_class(_PoolModel, POOL_CLASS_NAME)(pool)
+        patcher = _pool_patcher_class(model_patcher.ModelPatcher)(model, load_device=device, offload_device=device,
+                                                                  size=0)
         pool._comfy_patcher = patcher
     _model_management().load_models_gpu([patcher])
 
@@ -288,7 +319,8 @@ class ComfyRuntime(Runtime):
 
         # CoreModelPatcher is ModelPatcherDynamic where ComfyUI's dynamic VRAM is on (docs/node_contract.md §6).
         patcher_class = _patcher_class(getattr(model_patcher, "CoreModelPatcher", model_patcher.ModelPatcher))
-        patcher = patcher_class(_PatcherModel(module), load_device=load_device, offload_device=offload_device,
+        model = _named_model_class(_PatcherModel, model_class_name(name))(module)
+        patcher = patcher_class(model, load_device=load_device, offload_device=offload_device,
                                 size=module_bytes(module))
         handle = PatcherHandle(name, module, load_device, offload_device, patcher=patcher,
                                force_full_load=not _streamable(module))

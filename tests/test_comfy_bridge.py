@@ -89,6 +89,34 @@ def test_handles_are_core_model_patchers_with_devices_by_model_kind(comfy):
     assert comfy_bridge.intermediate_device() == cpu
 
 
+def test_comfyui_log_names_each_model_by_its_role(comfy):
+    """ComfyUI logs "Requested to load <class name of patcher.model>": each role gets a class of its own with a
+    readable identifier (still a _PatcherModel holding our module), the same class for every module of a role."""
+    rt = comfy_bridge.ComfyRuntime()
+    expected = {"dit_high": "BerniniHighNoiseExpert", "dit_low": "BerniniLowNoiseExpert",
+                "umt5": "BerniniUMT5TextEncoder", "vae": "BerniniWan21VAE", "planner": "BerniniPlanner",
+                "planner_lm_head": "BerniniPlannerLMHead", "prompt_enhancer": "BerniniPromptEnhancer",
+                "some_new-role": "BerniniSomeNewRole"}
+    classes = {}
+    for role, name in expected.items():
+        module = torch.nn.Linear(2, 2)
+        model = rt.handle(role, module).patcher.model
+        assert type(model).__name__ == name and name.isidentifier() and "_PatcherModel" not in name
+        assert isinstance(model, comfy_bridge._PatcherModel) and model.inner is module
+        classes[role] = type(model)
+    assert type(rt.handle("dit_high", torch.nn.Linear(2, 2)).patcher.model) is classes["dit_high"]
+    assert len(set(classes.values())) == len(expected)
+
+    class Pool:
+        def shutdown(self):
+            pass
+
+    pool = Pool()
+    comfy_bridge.track_pool(pool)
+    assert type(pool._comfy_patcher.model).__name__ == "BerniniMultiGPUPool"
+    assert isinstance(pool._comfy_patcher.model, comfy_bridge._PoolModel) and comfy.rec.loads[-1] == [pool._comfy_patcher]
+
+
 def test_use_loads_through_load_models_gpu_and_never_offloads_itself(comfy):
     rt = comfy_bridge.ComfyRuntime()
     a, b = rt.handle("dit_high", torch.nn.Linear(3, 3)), rt.handle("vae", torch.nn.Linear(3, 3))

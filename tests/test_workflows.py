@@ -620,3 +620,370 @@ def test_fast_lora_workflow_runs_in_comfyui(pack, defs, comfy, tiny_renderer_dir
     assert torch.isfinite(with_loras).all()
     off = run(strengths=0.0)
     assert not torch.allclose(with_loras, off)
+
+
+# ------------------------------------------------------------------------------------------ templates, example media
+EXAMPLES = ROOT / "workflows" / "inputs"
+COMFY_SHIPS = {"example.png"}  # ComfyUI's own input/ folder holds this sample image (and no video)
+OPEN_VIEW = (1280, 640)  # the canvas docs/dev/gen_workflows.py frames (a 1366x768 screen less the menus)
+TITLE_BAR = 30  # LiteGraph's NODE_TITLE_HEIGHT: the title bar is drawn above a node's pos
+
+
+def _media_of(name):
+    files = [n["widgets_values"][0] for n in ui(name)["nodes"] if n["type"] in ("LoadVideo", "LoadImage")]
+    api_files = [e["inputs"].get("file") or e["inputs"].get("image") for e in api(name).values()
+                 if e["class_type"] in ("LoadVideo", "LoadImage")]
+    assert sorted(files) == sorted(api_files)
+    return files
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_template_thumbnail_is_a_small_jpeg_beside_the_workflow(name):
+    from PIL import Image
+
+    path = WORKFLOWS / f"{name}.jpg"  # the frontend requests /api/workflow_templates/<pack>/<name>.jpg
+    data = path.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\0")[-2:] == b"\xff\xd9"  # JPEG start / end markers
+    assert 3_000 < len(data) < 100_000
+    with Image.open(path) as image:
+        assert image.format == "JPEG" and image.mode == "RGB" and 256 <= image.width <= 1024
+        assert 0.5 <= image.height / image.width <= 1.0
+        assert len(image.getcolors(1 << 16) or range(1 << 16)) > 50  # drawn content, not a blank card
+
+
+def _card_pixels(jpeg: bytes):
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as image:
+        return image.convert("L")
+
+
+def _mean_difference(a, b):
+    from PIL import ImageChops
+
+    histogram = ImageChops.difference(a, b).histogram()
+    return sum(level * count for level, count in enumerate(histogram)) / (a.width * a.height)
+
+
+def test_thumbnails_are_current_readable_and_distinct():
+    """One card per workflow, equal to the generator's rendering of today's workflow and its card text (kept in
+    extra.bernini_template: the frontend shows only the file name); every card differs from the others."""
+    import runpy
+
+    render = runpy.run_path(str(ROOT / "docs" / "dev" / "workflow_thumbnails.py"))["render"]
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.jpg")) == sorted(NAMES)
+    cards = {}
+    for name in NAMES:
+        workflow = ui(name)
+        card = workflow["extra"]["bernini_template"]
+        family = "Bernini-R" if name.startswith("bernini_r_") else "Bernini"
+        assert card["title"].startswith(f"{family} {task_of(name)}: ") and len(card["description"]) > 30
+        shipped = _card_pixels((WORKFLOWS / f"{name}.jpg").read_bytes())
+        assert _mean_difference(shipped, _card_pixels(render(workflow, card["title"], card["description"]))) < 1.0
+        assert _mean_difference(shipped, _card_pixels(render(workflow, "x", card["description"]))) > 1.0  # can fail
+        cards[name] = shipped
+    for i, a in enumerate(NAMES):
+        for b in NAMES[i + 1:]:
+            assert _mean_difference(cards[a], cards[b]) > 0.5, (a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_opens_with_every_node_in_view(name):
+    workflow = ui(name)
+    ds = workflow["extra"]["ds"]
+    scale, (ox, oy) = ds["scale"], ds["offset"]
+
+    def on_canvas(node):
+        (x, y), (w, h) = node["pos"], node["size"]
+        return [((px + ox) * scale, (py + oy) * scale) for px, py in ((x, y - TITLE_BAR), (x + w, y + h))]
+
+    corners = [c for n in workflow["nodes"] for c in on_canvas(n)]
+    assert all(0 <= cx <= OPEN_VIEW[0] and 0 <= cy <= OPEN_VIEW[1] for cx, cy in corners), name
+    width = max(c[0] for c in corners) - min(c[0] for c in corners)
+    height = max(c[1] for c in corners) - min(c[1] for c in corners)
+    assert width > 0.8 * OPEN_VIEW[0] or height > 0.8 * OPEN_VIEW[1]  # framed, not just shrunk to a dot
+    far = copy.deepcopy(workflow["nodes"][0])
+    far["pos"] = [far["pos"][0] + 20_000, far["pos"][1]]
+    assert not all(0 <= cx <= OPEN_VIEW[0] for cx, _ in on_canvas(far))  # the check can fail
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_media_the_workflow_loads_ship_with_the_pack_or_comfyui(name):
+    for file in _media_of(name):
+        assert file in COMFY_SHIPS or (EXAMPLES / file).is_file(), f"{name}: {file} is in no install"
+
+
+def test_example_media_are_small_decodable_and_all_used():
+    import av
+    from PIL import Image
+
+    used = {f for name in NAMES for f in _media_of(name)}
+    shipped = {p.name for p in EXAMPLES.iterdir()}
+    assert shipped == used - COMFY_SHIPS
+    for name in sorted(shipped):
+        path = EXAMPLES / name
+        assert 1_000 < path.stat().st_size < 300_000, name
+        if path.suffix == ".mp4":
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            assert len(frames) == 81 and stream.average_rate == 16  # the presets keep all 81 frames at 16 fps
+            assert frames[0].shape[0] % 16 == 0 and frames[0].shape[1] % 16 == 0
+            assert frames[0].std() > 20 and abs(frames[0].astype(float) - frames[-1]).mean() > 2  # a moving scene
+        else:
+            with Image.open(path) as image:
+                assert image.size[0] >= 256 and image.size[1] >= 256
+
+
+def test_example_media_ship_in_the_registry_package():
+    import fnmatch
+
+    ignored = [line.strip() for line in (ROOT / ".comfyignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for path in EXAMPLES.iterdir():
+        relative = path.relative_to(ROOT).as_posix()
+        for pattern in ignored:
+            prefix = pattern.rstrip("/")
+            assert not (relative.startswith(prefix + "/") or fnmatch.fnmatch(relative, pattern)
+                        or fnmatch.fnmatch(path.name, pattern)), (relative, pattern)
+
+
+class _FolderPaths:
+    """Stand-in for ComfyUI's folder_paths module: only what the copy reads."""
+
+    def __init__(self, input_dir):
+        self.input_dir = input_dir
+
+    def get_input_directory(self):
+        return str(self.input_dir)
+
+
+def test_examples_are_copied_into_input_once_and_never_overwrite(tmp_path, monkeypatch, caplog):
+    from bernini_core import example_inputs
+
+    input_dir = tmp_path / "input"
+    input_dir.mkdir()
+    (input_dir / "bernini_source.mp4").write_bytes(b"the user's own clip")
+    (input_dir / "example.png").write_bytes(b"comfy's")
+    monkeypatch.setitem(sys.modules, "folder_paths", _FolderPaths(input_dir))
+    with caplog.at_level("INFO", logger="bernini"):
+        copied = example_inputs.install_into_comfyui()
+    assert copied == ["bernini_reference.mp4", "bernini_reference.png"]
+    assert (input_dir / "bernini_source.mp4").read_bytes() == b"the user's own clip"  # never overwritten
+    assert (input_dir / "example.png").read_bytes() == b"comfy's"
+    for name in copied:
+        assert (input_dir / name).read_bytes() == (EXAMPLES / name).read_bytes()
+    assert sorted(p.name for p in input_dir.iterdir()) == sorted(
+        ["bernini_source.mp4", "example.png", *copied])  # no temporary file left behind
+    assert len([r for r in caplog.records if "example inputs" in r.getMessage()]) == 1
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bernini"):
+        assert example_inputs.install_into_comfyui() == []  # idempotent, and silent the second time
+    assert not caplog.records
+
+
+def test_example_copy_into_an_unusable_input_folder_is_one_warning(tmp_path, monkeypatch, caplog):
+    from bernini_core import example_inputs
+
+    blocked = tmp_path / "input"
+    blocked.write_text("a file where the folder should be")
+    monkeypatch.setitem(sys.modules, "folder_paths", _FolderPaths(blocked))
+    with caplog.at_level("WARNING", logger="bernini"):
+        assert example_inputs.install_into_comfyui() == []
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "Load Video" in caplog.text
+    assert blocked.read_text() == "a file where the folder should be"
+
+
+def test_example_copy_without_comfyui_does_nothing(monkeypatch):
+    from bernini_core import example_inputs
+
+    monkeypatch.delitem(sys.modules, "folder_paths", raising=False)
+    assert example_inputs.install_into_comfyui() == []
+    assert "folder_paths" not in sys.modules
+
+
+def test_the_pack_copies_the_examples_when_comfyui_loads_it(tmp_path, monkeypatch):
+    input_dir = tmp_path / "input"
+    monkeypatch.setitem(sys.modules, "folder_paths", _FolderPaths(input_dir))
+    name = "custom_nodes_x_ComfyUI-Bernini-examples"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            sys.modules.pop(key)
+    assert sorted(p.name for p in input_dir.iterdir()) == sorted(p.name for p in EXAMPLES.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ readable presets
+PRESETS_JSON = ROOT / "web" / "bernini_presets.json"
+
+
+def test_preset_table_for_the_frontend_is_the_engines():
+    from bernini_core import tasks
+
+    table = load(PRESETS_JSON)
+    assert table["models"] == {"Bernini-Diffusers": "v1", "Bernini-Diffusers-v2": "v2",
+                               "Bernini-R-Diffusers": "renderer", "Bernini-R-1.3B-Diffusers": "renderer",
+                               "single files": "renderer"}
+    assert set(table["models"]) == STATIC_MODELS["BerniniLoadRenderer"]
+    assert set(table["presets"]) == {"renderer", "v1", "v2"}
+    for family, presets in table["presets"].items():
+        assert set(presets) == set(tasks.TASK_NAMES)
+        for task, shown in presets.items():
+            engine = tasks.renderer_preset(task) if family == "renderer" else tasks.bernini_preset(task, family)
+            assert shown and all(engine[key] == value for key, value in shown.items()), (family, task)
+            planner = {"planning_step", "vit_denoising_step", "vit_txt_cfg", "vit_img_cfg"}
+            assert (planner <= set(shown)) == (family != "renderer")
+    assert table["fast"] == tasks.FAST_OVERRIDES and table["no_guidance"] == tasks.NO_GUIDANCE
+    assert table["no_guidance_ignores"] == list(tasks.NO_GUIDANCE_IGNORES)
+    # spot values typed from docs/official_behaviour.md §5.2 / §5.3, independent of the code above
+    assert table["presets"]["v2"]["rv2v"]["omega_txt"] == 5.5 and table["presets"]["v2"]["t2v"]["planning_step"] == 50
+    assert table["presets"]["renderer"]["r2v"]["guidance_mode"] == "r2v_apg"
+    assert table["presets"]["renderer"]["t2v"]["num_inference_steps"] == 40
+
+
+NODE_CHECK = """
+import { readFileSync } from "node:fs";
+import * as hints from "./preset_hints_core.mjs";
+const table = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const cases = JSON.parse(process.argv[3]);
+console.log(JSON.stringify({
+  widgets: hints.SENTINEL_WIDGETS,
+  hints: cases.hints.map((c) => hints.presetHints(table, c)),
+  families: cases.models.map((m) => hints.familyOfModel(table, m)),
+  sentinel: cases.sentinel.map(([s, v]) => hints.isSentinel(s, v)),
+}));
+"""
+
+
+@pytest.fixture(scope="module")
+def preset_hints(tmp_path_factory):
+    """Runs web/js/preset_hints_core.js under Node on the cases given; the answers as Python data."""
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed: the frontend extension's preset logic is not run")
+    folder = tmp_path_factory.mktemp("preset_hints")
+    shutil.copy(ROOT / "web" / "js" / "preset_hints_core.js", folder / "preset_hints_core.mjs")
+    (folder / "check.mjs").write_text(NODE_CHECK)
+
+    def run(cases):
+        done = subprocess.run([node, str(folder / "check.mjs"), str(PRESETS_JSON), json.dumps(cases)],
+                              capture_output=True, text=True, timeout=60, cwd=folder)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+    return run
+
+
+def test_preset_hints_name_what_the_preset_uses(preset_hints, defs):
+    sample, plan, sources = "BerniniSampleVideo", "BerniniPlanSemantics", "BerniniSources"
+    out = preset_hints({
+        "hints": [{"nodeType": sample, "family": "v2", "task": "rv2v"},
+                  {"nodeType": sample, "family": "renderer", "task": "v2v", "preset": "fast"},
+                  {"nodeType": sample, "family": "renderer", "task": "r2v"},
+                  {"nodeType": plan, "family": "v2", "task": "t2v"},
+                  {"nodeType": plan, "family": "renderer", "task": "t2v"},
+                  {"nodeType": sources, "family": "v1", "task": "v2v"},
+                  {"nodeType": sample, "family": None, "task": "v2v"}],
+        "models": ["Bernini-R-Diffusers", "Bernini-Diffusers", "my-Bernini-Diffusers-v2-copy", "Bernini-R-fp8",
+                   "wan_something"],
+        "sentinel": [["auto", "auto"], ["auto", "v2v"], [0, 0.0], [0, 40], [-1, -1.0], [-1, -0.5], [-1, 0]],
+    })
+    v2_rv2v, fast, r2v, plan_t2v, plan_r, sources_v2v, unknown = out["hints"]
+    assert v2_rv2v == {"guidance_mode": "preset rv2v_wapg", "steps": "preset 40", "flow_shift": "preset 5",
+                       "omega_vid": "preset 1.75", "omega_img": "preset 4", "omega_txt": "preset 5.5",
+                       "omega_tgt": "preset 1.5", "omega_scale": "preset 0.75", "sampler": "preset unipc"}
+    assert fast["steps"] == "preset 4" and fast["sampler"] == "preset distill"
+    assert fast["guidance_mode"] == "preset none"
+    assert all(fast[w] == "unused" for w in ("omega_vid", "omega_img", "omega_txt", "omega_tgt", "omega_scale"))
+    assert r2v["omega_img"] == "preset 4.5" and r2v["guidance_mode"] == "preset r2v_apg"
+    assert r2v["omega_tgt"] == "unused"
+    assert plan_t2v == {"planning_steps": "preset 50", "vit_denoising_steps": "preset 1", "vit_txt_cfg": "preset 1.2",
+                        "vit_img_cfg": "preset 1"}
+    assert plan_r == {} and unknown == {}
+    assert sources_v2v == {"width": "preset: the source's", "height": "preset: the source's", "frames": "preset 81",
+                           "max_image_size": "preset 848"}
+    assert out["families"] == ["renderer", "v1", "v2", "renderer", None]
+    assert out["sentinel"] == [True, False, True, False, True, True, False]
+    # every widget the extension annotates exists on its node, and its default is the sentinel
+    for node_type, widgets in out["widgets"].items():
+        inputs = defs[node_type]["input"]["required"]
+        for widget, (sentinel, _) in widgets.items():
+            assert inputs[widget][1]["default"] == sentinel, (node_type, widget)
+
+
+EXTENSION_CHECK = """
+import { readFileSync } from "node:fs";
+const table = JSON.parse(readFileSync(process.argv[2], "utf8"));
+let tick = null;
+globalThis.setInterval = (fn) => { tick = fn; };
+globalThis.fetch = async () => ({ json: async () => table });
+const { registered } = await import("../scripts/app.js");
+await import("./js/preset_hints.js");
+class Node {
+  constructor(type, widgets, inputs = {}) {
+    this.type = type; this.links = inputs; this.dirty = 0;
+    this.widgets = Object.entries(widgets).map(([name, value]) => ({ name, value }));
+    this.inputs = Object.keys(inputs).map((name) => ({ name }));
+  }
+  findInputSlot(name) { return this.inputs.findIndex((i) => i.name === name); }
+  getInputNode(slot) { return this.links[this.inputs[slot].name] ?? null; }
+  setDirtyCanvas() { this.dirty += 1; }
+}
+const loader = new Node("BerniniLoadRenderer", { model: "Bernini-R-Diffusers" });
+const encode = new Node("BerniniEncodePrompt", { task: "r2v" });
+const lora = new Node("BerniniApplyLora", {}, { renderer: loader });
+const sample = new Node("BerniniSampleVideo", { guidance_mode: "auto", steps: 0, omega_img: -1, omega_txt: 3.0,
+  preset: "official",
+  seed: 42 }, { renderer: lora, conditioning: encode });
+registered.app.graph = { _nodes: [loader, encode, lora, sample] };
+await registered.extension.setup();
+const labels = () => Object.fromEntries(sample.widgets.map((w) => [w.name, w.label ?? null]));
+tick();
+const first = labels();
+sample.widgets.find((w) => w.name === "steps").value = 30;   // an explicit number: the label goes back
+encode.widgets[0].value = "t2v";                               // the task changes upstream
+tick();
+console.log(JSON.stringify({ first, second: labels(), dirty: sample.dirty, name: registered.extension.name }));
+"""
+APP_STUB = """
+export const registered = {};
+export const app = { registerExtension(extension) { registered.extension = extension; } };
+registered.app = app;
+"""
+
+
+def test_preset_hints_extension_labels_the_connected_nodes(tmp_path):
+    """web/js/preset_hints.js against a stand-in graph: the renderer found through a LoRA node, the task through the
+    prompt node, labels set on sentinel widgets only and restored when a number is typed or the task changes."""
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed: the frontend extension is not run")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "app.js").write_text(APP_STUB)
+    (tmp_path / "scripts" / "package.json").write_text('{"type": "module"}')
+    ext = tmp_path / "ext"
+    (ext / "js").mkdir(parents=True)
+    (ext / "package.json").write_text('{"type": "module"}')
+    for name in ("preset_hints.js", "preset_hints_core.js"):
+        shutil.copy(ROOT / "web" / "js" / name, ext / "js" / name)
+    (ext / "check.js").write_text(EXTENSION_CHECK)  # ext/js/preset_hints.js imports ../../scripts/app.js: the stub
+    done = subprocess.run([node, str(ext / "check.js"), str(PRESETS_JSON)], capture_output=True, text=True,
+                          timeout=60, cwd=ext)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["first"] == {"guidance_mode": "guidance_mode (preset r2v_apg)", "steps": "steps (preset 40)",
+                            "omega_img": "omega_img (preset 4.5)", "omega_txt": None, "preset": None, "seed": None}
+    assert out["second"] == {"guidance_mode": "guidance_mode (preset t2v_apg)", "steps": None,
+                             "omega_img": "omega_img (preset 4.5)", "omega_txt": None, "preset": None, "seed": None}
+    assert out["dirty"] >= 2 and out["name"] == "Bernini.PresetHints"

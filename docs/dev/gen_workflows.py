@@ -14,6 +14,8 @@ from pathlib import Path
 
 ROOT = Path.cwd()
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "docs" / "dev"))
+import workflow_thumbnails  # noqa: E402
 import workflow_tools as wt  # noqa: E402
 
 
@@ -42,6 +44,23 @@ ROLE_IDS = {"BerniniLoadPlanner": 1, "BerniniLoadRenderer": 2, "BerniniEncodePro
 DISTILL_LORAS = {"high": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
                  "low": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"}
 MULTILINE_H, WIDGET_H, SLOT_H, TITLE_H = 96, 26, 22, 30
+# The canvas a workflow file opens on: a 1366x768 screen less the frontend's menu bar and side toolbar. extra.ds
+# (LiteGraph: canvas = (graph + offset) * scale) centres the bounding box of every node, title bars included, in it
+# with a margin. Frontend 1.49 restores extra.ds for a workflow file and fits the view itself for a template.
+VIEWPORT, VIEW_MARGIN = (1280, 640), 40
+
+
+def view_framing(nodes):
+    """extra.ds that shows every node (pos = the body's top-left corner; the title bar is TITLE_H above it)."""
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] - TITLE_H for n in nodes)
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    scale = min((VIEWPORT[0] - 2 * VIEW_MARGIN) / (x1 - x0), (VIEWPORT[1] - 2 * VIEW_MARGIN) / (y1 - y0), 1.0)
+    scale = int(scale * 1000) / 1000  # rounded down: the box only shrinks
+    offset = [round(VIEWPORT[0] / (2 * scale) - (x0 + x1) / 2, 1),
+              round(VIEWPORT[1] / (2 * scale) - (y0 + y1) / 2, 1)]
+    return {"scale": scale, "offset": offset}
 
 
 class Graph:
@@ -142,7 +161,7 @@ def to_ui(graph, note_text, note_pos, note_size):
     return {
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-bernini/workflows/" + graph.name)),
         "revision": 0, "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(link_rows), "nodes": nodes, "links": link_rows,
-        "groups": [], "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [520, 420]}}, "version": 0.4,
+        "groups": [], "config": {}, "extra": {"ds": view_framing(nodes)}, "version": 0.4,
     }
 
 
@@ -171,18 +190,23 @@ PROMPTS = {
     "v2v": "Make it snow heavily: cover the ground, the roofs and the trees with fresh snow, keep all the motion "
            "and the camera path unchanged.",
     "mv2v": "Restyle the video as a hand-drawn anime scene with clean outlines and flat colors, keeping the camera "
-            "motion and every movement of the people.",
-    "rv2v": "Replace the jacket of the person in the video with the jacket shown in the reference image; keep the "
-            "person, the motion and the background unchanged.",
-    "r2v": "The person from the first reference image walks the dog from the second reference image along a beach "
-           "at sunset, the camera tracking them from the side.",
-    "ads2v": "Add the video on the computer.",
+            "motion and every movement in it.",
+    "rv2v": "Replace the red ball in the video with the blue cube shown in the reference image; keep the street, the "
+            "motion and the camera path unchanged.",
+    "r2v": "The girl from the first reference image plays with the blue cube from the second reference image in a "
+           "sunny meadow, the camera slowly circling them.",
+    "ads2v": "Add the video on the wall of the white house.",
 }
 TASK_TITLES = {"t2i": "text to image", "i2i": "image editing", "t2v": "text to video", "v2v": "video editing",
                "mv2v": "motion / style video editing", "rv2v": "video editing with a reference image",
                "r2v": "reference images to video", "ads2v": "insert a reference video into a source video"}
+# The pack's example media (workflows/inputs/, drawn by docs/dev/gen_example_media.py), copied into ComfyUI's input/
+# at start-up when absent (bernini_core/example_inputs.py); example.png is the sample image ComfyUI itself ships in input/.
 SOURCE_VIDEO, REFERENCE_VIDEO = "bernini_source.mp4", "bernini_reference.mp4"
-REFERENCE_IMAGE, SECOND_REFERENCE = "example.png", "example.png"
+IMAGE_TO_EDIT, REFERENCE_IMAGE, SECOND_REFERENCE = "example.png", "bernini_reference.png", "bernini_reference.png"
+FIRST_REFERENCE = "example.png"
+EXAMPLE = "the pack's example, which ships in workflows/inputs/ and is copied into ComfyUI/input/ when absent"
+COMFY_EXAMPLE = "the sample image ComfyUI ships in input/"
 IMAGE_TASKS = ("t2i", "i2i")
 
 Y = 220  # the main row; the planner loader sits above it, media loaders below
@@ -192,22 +216,24 @@ X = {"load": 0, "encode": 420, "sources": 860, "plan": 1280, "sample": 1700, "de
 def media_note(task):
     lines = []
     if task in ("v2v", "mv2v", "rv2v", "ads2v"):
-        lines.append(f"- 'Load Source Video' ({SOURCE_VIDEO} is a placeholder): upload the clip to edit. Its frames "
+        lines.append(f"- 'Load Source Video' ({SOURCE_VIDEO}: {EXAMPLE}, a street with a rolling ball): upload "
+                     "the clip to edit. Its frames "
                      "go to source_video and its frame rate to video_fps; Bernini Sources resamples to fps (16) and "
                      "keeps at most `frames` (preset 81, always 4n+1), sized by the source (long edge <= "
                      "max_image_size).")
     if task == "ads2v":
-        lines.append(f"- 'Load Reference Video' ({REFERENCE_VIDEO} is a placeholder): the clip to insert; its frames "
-                     "go to reference_video.")
+        lines.append(f"- 'Load Reference Video' ({REFERENCE_VIDEO}: {EXAMPLE}, a turning colour wheel): the clip "
+                     "to insert; its frames go to reference_video.")
     if task == "i2i":
-        lines.append(f"- 'Load Image to Edit' ({REFERENCE_IMAGE} is a placeholder: the sample image ComfyUI ships in "
-                     "input/): choose your image; it goes to source_image.")
+        lines.append(f"- 'Load Image to Edit' ({IMAGE_TO_EDIT}: {COMFY_EXAMPLE}): choose your image; it goes to "
+                     "source_image.")
     if task == "rv2v":
-        lines.append(f"- 'Load Reference Image' ({REFERENCE_IMAGE} is a placeholder: ComfyUI's sample image): choose "
-                     "the reference; it goes to reference_images. More references: reference_image_2..4.")
+        lines.append(f"- 'Load Reference Image' ({REFERENCE_IMAGE}: {EXAMPLE}, a blue cube): choose the "
+                     "reference; it goes to reference_images. More references: reference_image_2..4.")
     if task == "r2v":
-        lines.append(f"- 'Load Reference Image 1/2' ({REFERENCE_IMAGE} is a placeholder: ComfyUI's sample image): "
-                     "choose your references (subjects, objects, scenes), in the order the prompt names them. "
+        lines.append(f"- 'Load Reference Image 1/2' ({FIRST_REFERENCE}: {COMFY_EXAMPLE}; {SECOND_REFERENCE}: "
+                     f"{EXAMPLE}): choose your references (subjects, objects, scenes), in the order the prompt names "
+                     "them. "
                      "reference_images takes a batch of same-size images; reference_image_2..4 take any size.")
     if task in ("t2i", "t2v"):
         lines.append("- No media: the size and length come from Bernini Sources (0 = preset: "
@@ -239,7 +265,8 @@ def note_text(task, family):
                                                             "its conditioning goes to Sources and Sample.")]
     media = ["INPUTS:"] + media_note(task)
     settings = ["SETTINGS: 0 / -1 / auto on any widget = the official preset of this task for the connected "
-                "model (steps, guidance weights, size, frames, planner steps). Seeds are fixed (42) like the "
+                "model (steps, guidance weights, size, frames, planner steps); the widget's label shows the value, "
+                "e.g. 'steps (preset 40)'. Seeds are fixed (42) like the "
                 "official scripts; set control_after_generate to randomize for variations.",
                 "OUTPUT: " + ("ComfyUI/output/Bernini_*.png." if task in IMAGE_TASKS else
                               "ComfyUI/output/video/Bernini_*.mp4. Create Video plays the frames at 16 fps, the "
@@ -338,13 +365,13 @@ def build(task, family, variant=None):
         g.link(parts, "images", sources, "reference_video")
         g.link(parts, "fps", sources, "reference_video_fps")
     if task == "i2i":
-        image = g.add("LoadImage", (x["load"], media_y), {"image": REFERENCE_IMAGE}, title="Load Image to Edit")
+        image = g.add("LoadImage", (x["load"], media_y), {"image": IMAGE_TO_EDIT}, title="Load Image to Edit")
         g.link(image, "IMAGE", sources, "source_image")
     if task == "rv2v":
         image = g.add("LoadImage", (x["load"], media_y), {"image": REFERENCE_IMAGE}, title="Load Reference Image")
         g.link(image, "IMAGE", sources, "reference_images")
     if task == "r2v":
-        first = g.add("LoadImage", (x["load"], media_y), {"image": REFERENCE_IMAGE}, title="Load Reference Image 1")
+        first = g.add("LoadImage", (x["load"], media_y), {"image": FIRST_REFERENCE}, title="Load Reference Image 1")
         second = g.add("LoadImage", (x["encode"], media_y), {"image": SECOND_REFERENCE},
                        title="Load Reference Image 2")
         g.link(first, "IMAGE", sources, "reference_images")
@@ -397,6 +424,32 @@ CASES = [(t, "full", None) for t in ("t2i", "i2i", "t2v", "v2v", "mv2v", "rv2v",
         [("v2v", "full", "enhanced")]
 
 
+# The template card: ComfyUI's frontend labels a custom-node template with its file name and reads no metadata for
+# it, so the readable title and description are drawn on the thumbnail (and head the Note).
+TASK_CARDS = {
+    "t2i": "Renders one 512x512 image from a prompt.",
+    "i2i": "Edits an image by prompt (ComfyUI's example.png).",
+    "t2v": "Renders a 5 s 848x480 video from a prompt.",
+    "v2v": "Edits a video by prompt (the example street clip).",
+    "mv2v": "Restyles a video, keeping its motion (the example street clip).",
+    "rv2v": "Edits a video with a reference image (the street clip and a blue cube).",
+    "r2v": "Renders a video of the subjects of two reference images.",
+    "ads2v": "Inserts a reference video into a source video (the two example clips).",
+}
+VARIANT_CARDS = {"fast_lora": (" in 4 steps", " With lightx2v's 4-step distill LoRA pair."),
+                 "multigpu": (" on several GPUs", " The experts on a Ray pool of GPUs."),
+                 "enhanced": (" + prompt enhancer", " The planner's Qwen2.5-VL rewrites the prompt first.")}
+
+
+def card(task, family, variant):
+    """(title, description) of a workflow's template card."""
+    suffix, extra = VARIANT_CARDS.get(variant, ("", ""))
+    model = "Bernini" if family == "full" else "Bernini-R"
+    models = ("Planner + renderer (Bernini-Diffusers-v2)." if family == "full" else
+              "Renderer alone (Bernini-R-Diffusers).")
+    return f"{model} {task}: {TASK_TITLES[task]}{suffix}", f"{TASK_CARDS[task]}{extra} {models}"
+
+
 def main():
     out, api = ROOT / "workflows", ROOT / "workflows" / "api"
     api.mkdir(parents=True, exist_ok=True)
@@ -406,7 +459,10 @@ def main():
                 "enhanced": enhanced_note(task)}.get(
             variant, note_text(task, family))
         ui = to_ui(graph, note, (-480, 0), (440, 760))
+        title, description = card(task, family, variant)
+        ui["extra"]["bernini_template"] = {"title": title, "description": description}  # what the card shows
         (out / f"{name}.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (out / f"{name}.jpg").write_bytes(workflow_thumbnails.render(ui, title, description))
         (api / f"{name}.json").write_text(json.dumps(to_api(graph), indent=2, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
         print("wrote", name)

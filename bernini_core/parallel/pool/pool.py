@@ -139,7 +139,8 @@ class WorkerPool:
             return  # this process already talks to a Ray runtime (ours from an earlier pool, or the user's)
         if address and address != "auto":
             _probe(address)  # Ray itself retries an unreachable address for minutes
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False,
+                                  "runtime_env": {"env_vars": {"PYTHONPATH": _worker_pythonpath()}}}
         try:
             if address:
                 ray.init(address=address, **kwargs)
@@ -266,6 +267,9 @@ class WorkerPool:
             return BerniniError(f"{NODE}: {where} died during {stage} ({_first_line(exc)}): killed, or out of memory "
                                 f"on its GPU/host.{after}")
         text = _first_line(cause) if cause is not None else _first_line(exc)
+        if "No module named 'bernini_core" in str(exc):
+            text += (" (the pack must be importable on every machine of the cluster: the same ComfyUI folder at the "
+                     "same path, or pip install it there)")
         return BerniniError(f"{NODE}: {where} failed during {stage}: {text}.{after}")
 
 
@@ -318,3 +322,14 @@ def RenderWorkerActor() -> Callable:
     from .worker import RenderWorker
 
     return RenderWorker
+
+
+def _worker_pythonpath() -> str:
+    """Ray workers are fresh interpreters: inside ComfyUI the pack is not installed, only appended to the driver's
+    sys.path (its __init__.py), so a worker could not import bernini_core. Its parent folder goes first on their
+    PYTHONPATH (found by the real ComfyUI server test, tests/integration/test_comfy_server.py)."""
+    import os
+
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    existing = os.environ.get("PYTHONPATH", "")
+    return here + (os.pathsep + existing if existing else "")
