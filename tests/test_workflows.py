@@ -925,7 +925,7 @@ const table = JSON.parse(readFileSync(process.argv[2], "utf8"));
 let tick = null;
 globalThis.setInterval = (fn) => { tick = fn; };
 globalThis.fetch = async () => ({ json: async () => table });
-const { registered } = await import("../scripts/app.js");
+const { registered } = await import("../../scripts/app.js");
 await import("./js/preset_hints.js");
 class Node {
   constructor(type, widgets, inputs = {}) {
@@ -972,12 +972,12 @@ def test_preset_hints_extension_labels_the_connected_nodes(tmp_path):
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "app.js").write_text(APP_STUB)
     (tmp_path / "scripts" / "package.json").write_text('{"type": "module"}')
-    ext = tmp_path / "ext"
+    ext = tmp_path / "extensions" / "ComfyUI-Bernini"  # ComfyUI serves web/ at /extensions/<pack>/
     (ext / "js").mkdir(parents=True)
     (ext / "package.json").write_text('{"type": "module"}')
     for name in ("preset_hints.js", "preset_hints_core.js"):
         shutil.copy(ROOT / "web" / "js" / name, ext / "js" / name)
-    (ext / "check.js").write_text(EXTENSION_CHECK)  # ext/js/preset_hints.js imports ../../scripts/app.js: the stub
+    (ext / "check.js").write_text(EXTENSION_CHECK)  # extensions/<pack>/js/preset_hints.js imports ../../../scripts/app.js
     done = subprocess.run([node, str(ext / "check.js"), str(PRESETS_JSON)], capture_output=True, text=True,
                           timeout=60, cwd=ext)
     assert done.returncode == 0, done.stderr

@@ -49,9 +49,25 @@ class Install:
 
 
 def shared_dir() -> Path:
-    """Where the ComfyUI tarball and recipe are: $BERNINI_COMFYUI_SHARED, else the repo root's ../shared/comfyui."""
+    """Where the ComfyUI tarball and recipe are: $BERNINI_COMFYUI_SHARED, else the nearest `shared/comfyui` beside the
+    repo root or one of its parents (a clone may sit deeper than the checkout the project's shared folder is next
+    to); the repo root's ../shared/comfyui when none has the tarball."""
     env = os.environ.get("BERNINI_COMFYUI_SHARED")
-    return Path(env) if env else REPO.parent / "shared" / "comfyui"
+    if env:
+        return Path(env)
+    for parent in REPO.parents:
+        candidate = parent / "shared" / "comfyui"
+        if tarball(candidate) is not None:
+            return candidate
+    return REPO.parent / "shared" / "comfyui"
+
+
+def cached_installs() -> list:
+    """Complete installs in the cache, newest first: used when no tarball is found (a clone outside the project's
+    folder on a machine that installed ComfyUI before)."""
+    root = cache_root()
+    found = [Install(p) for p in root.glob("comfyui-*")] if root.is_dir() else []
+    return sorted((i for i in found if i.complete), key=lambda i: (i.root / MARKER).stat().st_mtime, reverse=True)
 
 
 def tarball(shared: Optional[Path] = None) -> Optional[Path]:
@@ -81,6 +97,9 @@ def find_install() -> tuple[Optional[Install], str]:
     shared = shared_dir()
     archive = tarball(shared)
     if archive is None:
+        cached = cached_installs()
+        if cached:
+            return cached[0], ""
         return None, f"no ComfyUI source tarball (ComfyUI-*.tar.gz) in {shared} (set BERNINI_COMFYUI_SHARED)"
     inst = install_for(archive)
     if not inst.complete:
@@ -117,10 +136,14 @@ def install(python: str = sys.executable) -> Install:
     shared = shared_dir()
     archive = tarball(shared)
     if archive is None:
-        raise SystemExit(f"no ComfyUI-*.tar.gz in {shared} (set BERNINI_COMFYUI_SHARED)")
+        cached = cached_installs()
+        if not cached:
+            raise SystemExit(f"no ComfyUI-*.tar.gz in {shared} (set BERNINI_COMFYUI_SHARED) and no cached install")
+        print(f"no ComfyUI tarball in {shared}; reusing the cached install {cached[0].root}", flush=True)
+        return _refresh(cached[0])
     inst = install_for(archive)
     if inst.complete:
-        return inst
+        return _refresh(inst)
     shutil.rmtree(inst.root, ignore_errors=True)
     inst.root.mkdir(parents=True)
     _unpack(archive, inst.root)
@@ -142,6 +165,16 @@ def install(python: str = sys.executable) -> Install:
     _run([inst.python, "-c", "import torch, torchvision, torchaudio, av, gguf, ray; "
           "assert torch.__version__.startswith('2.13.0') and not torch.cuda.is_available(), torch.__version__"])
     (inst.root / MARKER).write_text(f"{archive.name}\n")
+    return inst
+
+
+def _refresh(inst: Install) -> Install:
+    """A cached install gets this checkout's requirements (a no-op when nothing changed): the cache is keyed by the
+    ComfyUI tarball only."""
+    pip = [inst.python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    constraints = inst.root / "torch-constraint.txt"
+    constraints.write_text(TORCH + "\n")
+    _run(pip + ["-r", REPO / "requirements.txt", *EXTRAS, "-c", constraints])
     return inst
 
 

@@ -1,8 +1,8 @@
 // Enhance Bernini Prompt: shows the enhanced prompt (the node's ui.text) on the node after each run.
 // Frontends with the shared text preview (the one "Preview as Text" uses) get that; older ones a read-only text box.
 // Neither is saved with the workflow (serialize false) nor sent with a prompt.
-import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
+import { app } from "../../../scripts/app.js";
+import { ComfyWidgets } from "../../../scripts/widgets.js";
 
 const NODE = "BerniniEnhancePrompt";
 const BOX = "enhanced_prompt";

@@ -1,7 +1,7 @@
 // Readable presets: beside each sentinel widget (-1 / 0 / auto) of Sample, Plan and Sources, the value the task
 // preset will use for the connected model and task, e.g. "omega_txt (preset 4.5)". Only the label changes: the widget
 // value stays the sentinel, so saved workflows and API prompts are unchanged and explicit numbers still win.
-import { app } from "../../scripts/app.js";
+import { app } from "../../../scripts/app.js";
 import { SENTINEL_WIDGETS, familyOfModel, isSentinel, presetHints } from "./preset_hints_core.js";
 
 const TABLE_URL = new URL("../bernini_presets.json", import.meta.url);
