@@ -49,8 +49,8 @@ class Install:
 
 
 def shared_dir() -> Path:
-    """Where the ComfyUI tarball and recipe are: $BERNINI_COMFYUI_SHARED, else the nearest `shared/comfyui` beside the
-    repo root or one of its parents (a clone may sit deeper than the checkout the project's shared folder is next
+    """Where the ComfyUI tarball and recipe are: $BERNINI_COMFYUI_SHARED, else the project's shared ComfyUI folder (../shared/comfyui)
+    beside the repo root or beside one of its parents (a clone may sit deeper than the checkout the project's shared folder is next
     to); the repo root's ../shared/comfyui when none has the tarball."""
     env = os.environ.get("BERNINI_COMFYUI_SHARED")
     if env:
