@@ -329,13 +329,10 @@ class RendererPipeline(BerniniPipeline):
         their group then load only the experts.
         ``loras``: LoRAs merged into the experts right after they load (bernini_core/lora): LoraSpec objects or
         ``FILE[:STRENGTH[:high|low|both]]`` texts, checked before the load."""
-        from .loaders import load_renderer, resolve_parts
+        from .loaders import load_renderer
         from .lora import apply_loras_, check_loras
 
-        lora_specs = check_loras(loras)
-        if lora_specs and parts is not None and "experts" not in resolve_parts(parts):
-            raise BerniniError("loras= patch the DiT experts, but parts= leaves them out; add 'experts' to parts or "
-                               "drop loras.")
+        lora_specs = check_loras(loras, parts)
         parallel = None if parallel is None else as_parallel_state(parallel)
         if parallel is not None and parts is None and not parallel.is_replica_leader:
             parts = ("experts",)

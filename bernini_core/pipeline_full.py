@@ -138,12 +138,8 @@ class FullPipeline(BerniniPipeline):
         ``loras``: as in ``RendererPipeline.from_pretrained`` (merged into the two experts right after the load)."""
         from .loaders_full import CLI_OVERRIDES, load_full
         from .lora import apply_loras_, check_loras
-        from .loaders import resolve_parts
 
-        lora_specs = check_loras(loras)
-        if lora_specs and parts is not None and "experts" not in resolve_parts(parts):
-            raise BerniniError("loras= patch the DiT experts, but parts= leaves them out; add 'experts' to parts or "
-                               "drop loras.")
+        lora_specs = check_loras(loras, parts)
 
         parallel = None if parallel is None else as_parallel_state(parallel)
         if parallel is not None and parts is None and not parallel.is_replica_leader:

@@ -135,10 +135,15 @@ def _check_mergeable(name: str, dit: torch.nn.Module) -> None:
                            "weights: pass them to from_pretrained(loras=...), which merges before sharding.")
 
 
-def check_loras(loras) -> list[LoraSpec]:
+def check_loras(loras, parts=None) -> list[LoraSpec]:
     """``loras`` as LoraSpec objects, every file checked to be a readable LoRA (headers only): what to run before
-    a long model load."""
+    a long model load. `parts`: the load's parts (loaders.PARTS; None = all), which must include the experts."""
+    from ..loaders import resolve_parts
+
     specs = as_lora_specs(loras)
+    if specs and parts is not None and "experts" not in resolve_parts(parts):
+        raise BerniniError("loras= patch the DiT experts, but parts= leaves them out; add 'experts' to parts or "
+                           "drop loras.")
     for path in dict.fromkeys(spec.path for spec in specs):
         read_lora(path)
     return specs

@@ -109,10 +109,7 @@ class RenderWorker:
         self.pipe = load_experts(spec, device=self.device, dtype=dtype, attention=attention, runtime=self.runtime)
         self.pipe.use_parallel(self.state, fsdp=fsdp)
         experts = self.pipe.experts
-        return {"family": self.pipe.family, "boundary": experts.boundary, "low": experts.low is not None,
-                "bytes": sum(t.numel() * t.element_size() for h in (experts.high, experts.low) if h is not None
-                             for t in h.module.state_dict().values()
-                             if not hasattr(t, "to_local"))}
+        return {"family": self.pipe.family, "boundary": experts.boundary, "low": experts.low is not None}
 
     # ------------------------------------------------------------------ runs
     def sample(self, request: dict) -> Optional[torch.Tensor]:
