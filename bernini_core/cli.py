@@ -26,6 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from .acceleration.settings import add_speed_arguments, speed_settings_from_args
 from .errors import BerniniError
 from .progress import TqdmProgress  # light: tqdm itself is imported with the first bar
 from .tasks import IGNORED_SETTINGS, NO_GUIDANCE, PRESET_NAMES, SAMPLER_NAMES, TASK_NAMES, get_task
@@ -229,6 +230,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--norm_threshold", type=float, nargs="+", default=None,
                    help="Bernini-R APG modes: norm threshold per guidance term (default: 50 50 50, the official; "
                    "full Bernini ignores it)")
+
+    add_speed_arguments(gen)
 
     g = gen.add_argument_group("prompt enhancer (docs/prompt_enhancer.md)")
     g.add_argument("--use_pe", action="store_true", help="rewrite each prompt for its task before generating, as the "
@@ -575,6 +578,8 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     args.lora_specs = check_cli_loras(args)
     env = distributed_env()
     check_parallel_flags(args, env)
+    args.speed_settings = speed_settings_from_args(
+        args, multi_process=(env is not None and env.world_size > 1) or (args.gpus or 1) > 1)
     if args.gpus and env is None:  # start the ranks here; each runs this command under the launcher's environment
         launch_local(args.gpus, args.argv, device=args.device, timeout_s=args.parallel_timeout)
         return []
@@ -682,6 +687,7 @@ def _generate(args, config, runs, count, device, parallel, bars, leader) -> list
             parallel=parallel,
             fsdp=args.fsdp,
             loras=getattr(args, "lora_specs", None) or None,
+            speed=getattr(args, "speed_settings", None),
             dtype=args.dtype,
             attention=args.attention,
             offload=args.offload,

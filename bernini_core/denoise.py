@@ -28,6 +28,7 @@ import torch
 from .errors import BerniniError
 from .parallel.arms import assign_arms
 from .parallel.exchange import broadcast_into, check_identical
+from .parallel.fsdp import is_sharded
 from .parallel.state import ParallelState
 from .renderer.rope import source_ids_for
 from .runtime import ModelHandle, Runtime
@@ -182,6 +183,7 @@ def denoise(
     current = experts.high
     dit = load(current)
     switched = False
+    finite = LaggedFiniteCheck(total)
     try:
         for index, t in enumerate(scheduler.timesteps):
             runtime.check_interrupt()
@@ -200,28 +202,78 @@ def denoise(
             context_inputs, stream_inputs = inputs_for(current, dit, mine)
             target = sample.to(dit.compute_dtype)
             timestep = torch.full((1,), float(t), device=device)
+            shared_time = _embed_time(dit, timestep, device)  # one time embedding for all arms of the step
             eps = {}
             for arm in mine:
                 context = context_inputs[_context_key(arm)]
                 ids = list(combos[arm.combo][1]) + [0.0]
-                eps[arm] = dit(stream_inputs[arm.combo] + [target], ids, timestep, context)
+                eps[arm] = dit(stream_inputs[arm.combo] + [target], ids, timestep, context, **shared_time)
             if owners is not None:
                 eps = _share_arms(eps, arms, owners, target, parallel)
             sigma = scheduler.current_sigma
             velocity = guidance.combine(eps, omegas, sample=sample, sigma=sigma)
             denoised = sample - sigma * velocity.float()  # the x0 estimate, what ComfyUI previews
             sample = scheduler.step(velocity, sample)
-            if not bool(torch.isfinite(sample).all()):  # one reduction per step; a NaN video is never written
-                raise BerniniError(
-                    f"sampling step {index + 1}/{total} ({current.name}) produced non-finite latents (NaN or inf): "
-                    "the expert's weights hold NaN/inf (a corrupt or wrongly converted checkpoint: re-download "
-                    "it), a source or LATENT input is broken, or a guidance weight is extreme. Nothing was written.")
+            finite.push(sample, index, current.name)  # raises for the step before, read only now
             runtime.progress("sample", index + 1, total, latent=denoised)
             if on_step is not None:
                 on_step(index, total, sample)
+        finite.finish()  # the last step's flag: a NaN latent is never returned
     finally:
         runtime.release(current)
     return sample.float().cpu()
+
+
+def _embed_time(dit, timestep: torch.Tensor, device) -> dict:
+    """forward's `embedded_time` keyword for this step, or none where the DiT embeds it itself: an FSDP-sharded
+    expert gathers its root weights only inside forward, and other modules may not offer embed_time."""
+    embed = getattr(dit, "embed_time", None)
+    if embed is None or is_sharded(dit):
+        return {}
+    with torch.no_grad():
+        return {"embedded_time": embed(timestep, device=device)}
+
+
+class LaggedFiniteCheck:
+    """Stops sampling at the first step whose latents are not finite, without a host-device sync per step.
+
+    Each step queues a one-element finite flag (copied to pinned host memory without blocking, on CUDA) and the
+    host reads the previous step's flag only after the current step is queued: the device never idles waiting on
+    the host, and the error still names the step that went non-finite. `finish` reads the last step's flag, so a
+    NaN latent is never returned (a step's progress / on_step callback may see its latent before its check).
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self._pending = None  # (host flag, ready event or None, step index, expert name)
+
+    def push(self, sample: torch.Tensor, index: int, expert: str) -> None:
+        flag = torch.isfinite(sample).all()
+        event = None
+        if flag.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flag = host
+        previous, self._pending = self._pending, (flag, event, index, expert)
+        self._read(previous)
+
+    def finish(self) -> None:
+        previous, self._pending = self._pending, None
+        self._read(previous)
+
+    def _read(self, pending) -> None:
+        if pending is None:
+            return
+        flag, event, index, expert = pending
+        if event is not None:
+            event.synchronize()  # waits for that step only; the step queued after it keeps the device busy
+        if not bool(flag):
+            raise BerniniError(
+                f"sampling step {index + 1}/{self.total} ({expert}) produced non-finite latents (NaN or inf): "
+                "the expert's weights hold NaN/inf (a corrupt or wrongly converted checkpoint: re-download "
+                "it), a source or LATENT input is broken, or a guidance weight is extreme. Nothing was written.")
 
 
 def _context_key(arm) -> str:

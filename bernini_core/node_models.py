@@ -203,13 +203,20 @@ def load_planner(name: str, weight_dtype: str = "bf16", download: str = "never")
 
 def load_renderer(name: str, weight_dtype: str = "bf16", attention: str = "auto", download: str = "never",
                   high_noise_model: str = NONE, low_noise_model: str = NONE, text_encoder: str = NONE,
-                  vae: str = NONE, parallel=None) -> tuple[RendererModel, TextEncoderModel, VAEModel]:
+                  vae: str = NONE, parallel=None, compile: bool = False
+                  ) -> tuple[RendererModel, TextEncoderModel, VAEModel]:
     """UMT5 + DiT experts + VAE: an official / models/bernini folder (full Bernini without its planner, or
     Bernini-R), or "single files" from models/diffusion_models, text_encoders and vae (Bernini-R).
 
     `parallel` (parallel.pool.PoolOptions, from the Bernini Multi-GPU node): the experts load on a pool of Ray
-    workers instead (parallel/pool); this process keeps UMT5 and the VAE."""
+    workers instead (parallel/pool); this process keeps UMT5 and the VAE.
+    `compile`: torch.compile the experts' DiT blocks (acceleration/compile.py) on their first step."""
+    if not isinstance(compile, bool):
+        raise BerniniError(f"Load Bernini Renderer: compile must be true or false, got {compile!r}.")
     if parallel is not None:
+        if compile:
+            raise BerniniError("Load Bernini Renderer: compile is not available with Bernini Multi-GPU yet (the "
+                               "pool's ranks run eagerly); set compile to false.")
         from .parallel.pool.nodes import load_pooled_renderer
 
         return load_pooled_renderer(name, weight_dtype, attention, download, high_noise_model, low_noise_model,
@@ -231,6 +238,11 @@ def load_renderer(name: str, weight_dtype: str = "bf16", attention: str = "auto"
             log.warning("Load Bernini Renderer: %s ignored; they are used only with model 'single files'.",
                         ", ".join(chosen))
         pipe = _load_folder(name, weight_dtype, attention, download, runtime)
+    if compile and pipe.components.dit_high is not None:
+        from .acceleration.settings import SpeedSettings
+
+        SpeedSettings(compile=True).apply((pipe.components.dit_high, pipe.components.dit_low), runtime.device,
+                                          offload=True)
     version = pipe.version if pipe.family == FULL_FAMILY else "R"
     return tuple(cls(pipe, pipe.family, version, name) for cls in (RendererModel, TextEncoderModel, VAEModel))
 

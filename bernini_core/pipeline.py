@@ -319,6 +319,7 @@ class RendererPipeline(BerniniPipeline):
         parallel: Optional[ParallelState] = None,
         fsdp: bool = False,
         loras=None,
+        speed=None,
         **config_overrides,
     ) -> "RendererPipeline":
         """``progress(stage, step, total)``: stage "load", one step per component (bernini_core/progress.py).
@@ -328,12 +329,16 @@ class RendererPipeline(BerniniPipeline):
         ``parallel``: this rank's ``ParallelState`` in a multi-process run (``use_parallel``); ranks that do not lead
         their group then load only the experts.
         ``loras``: LoRAs merged into the experts right after they load (bernini_core/lora): LoraSpec objects or
-        ``FILE[:STRENGTH[:high|low|both]]`` texts, checked before the load."""
+        ``FILE[:STRENGTH[:high|low|both]]`` texts, checked before the load.
+        ``speed``: an acceleration.SpeedSettings (torch.compile of the DiT blocks, block swap), checked before the
+        load and applied to the experts after LoRAs and the multi-process layout."""
         from .loaders import load_renderer
         from .lora import apply_loras_, check_loras
 
         lora_specs = check_loras(loras, parts)
         parallel = None if parallel is None else as_parallel_state(parallel)
+        if speed is not None:
+            speed.check(multi_process=parallel is not None and parallel.is_parallel, fsdp=fsdp)
         if parallel is not None and parts is None and not parallel.is_replica_leader:
             parts = ("experts",)
 
@@ -355,6 +360,8 @@ class RendererPipeline(BerniniPipeline):
             pipe.use_parallel(parallel, fsdp=fsdp)
         elif fsdp:
             raise BerniniError("fsdp=True shards the experts over a multi-process run: pass parallel= too.")
+        if speed is not None and components.dit_high is not None:
+            speed.apply((components.dit_high, components.dit_low), runtime.device, offload=runtime.offload)
         return pipe
 
     # ------------------------------------------------------------------ stages

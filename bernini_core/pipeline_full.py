@@ -129,19 +129,22 @@ class FullPipeline(BerniniPipeline):
     def from_pretrained(cls, path, *, device="auto", dtype="bf16", attention: str = "auto", offload: bool = True,
                         high_noise_ckpt=None, low_noise_ckpt=None, progress: Optional[Progress] = None,
                         parts=None, parallel: Optional[ParallelState] = None, fsdp: bool = False,
-                        loras=None, **config_overrides) -> "FullPipeline":
+                        loras=None, speed=None, **config_overrides) -> "FullPipeline":
         """``progress(stage, step, total)``: stage "load", one step per component (bernini_core/progress.py).
 
         ``parts``: None (every part) or some of "experts", "text_encoder", "vae", "planner" (loaders_full.load_full);
         a stage that needs a part not loaded raises a BerniniError saying so. ``sample`` needs only the experts.
         ``parallel``: as in ``RendererPipeline.from_pretrained`` (the planner, too, runs on the group leader only).
-        ``loras``: as in ``RendererPipeline.from_pretrained`` (merged into the two experts right after the load)."""
+        ``loras``: as in ``RendererPipeline.from_pretrained`` (merged into the two experts right after the load).
+        ``speed``: as in ``RendererPipeline.from_pretrained``."""
         from .loaders_full import CLI_OVERRIDES, load_full
         from .lora import apply_loras_, check_loras
 
         lora_specs = check_loras(loras, parts)
 
         parallel = None if parallel is None else as_parallel_state(parallel)
+        if speed is not None:
+            speed.check(multi_process=parallel is not None and parallel.is_parallel, fsdp=fsdp)
         if parallel is not None and parts is None and not parallel.is_replica_leader:
             parts = ("experts",)
 
@@ -161,6 +164,8 @@ class FullPipeline(BerniniPipeline):
             pipe.use_parallel(parallel, fsdp=fsdp)
         elif fsdp:
             raise BerniniError("fsdp=True shards the experts over a multi-process run: pass parallel= too.")
+        if speed is not None and components.dit_high is not None:
+            speed.apply((components.dit_high, components.dit_low), runtime.device, offload=runtime.offload)
         return pipe
 
     @property

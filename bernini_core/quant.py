@@ -25,6 +25,7 @@ from .errors import BerniniError
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 E4M3_MAX = 448.0
+_HALF = (torch.bfloat16, torch.float16)  # activation dtypes the _scaled_mm path takes
 
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 # Side tensors that carry no weight: the marker, per-layer format tags and
@@ -125,16 +126,21 @@ def fp8_format_of(source) -> Optional[str]:
     return "float8_e4m3fn" if torch.float8_e4m3fn in found else "float8_e5m2"
 
 
-_CAPABILITY = {}
-
-
-def _supports_fp8_matmul(device: torch.device) -> bool:
+def fp8_matmul_supported(device) -> bool:
+    """Whether ``torch._scaled_mm`` with e4m3 operands can run on ``device``: CUDA of compute capability >= 8.9
+    (Ada, Hopper, Blackwell). Asked once per layer and device by prepare_fp8_matmul, never inside a forward."""
+    device = torch.device(device)
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index) >= (8, 9)
-    return _CAPABILITY[index]
+    return tuple(torch.cuda.get_device_capability(device)) >= (8, 9)
+
+
+def _exact_device(device) -> torch.device:
+    """'cuda' -> 'cuda:<current>', so that it compares equal to a tensor's device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class Fp8ScaledLinear(torch.nn.Module):
@@ -145,8 +151,11 @@ class Fp8ScaledLinear(torch.nn.Module):
     dequantised on the fly to the input dtype, exactly ``weight.float() * scale``;
     on CUDA devices of compute capability >= 8.9 a bf16/fp16 input can instead go
     through ``torch._scaled_mm`` with a dynamic per-tensor input scale (what
-    ComfyUI does for fp8 files). That path is checked once per layer against the
-    dequantised result and abandoned if it disagrees or raises.
+    ComfyUI does for fp8 files). That path is decided per layer and device in eager,
+    never inside a (possibly compiled) forward: :func:`prepare_fp8_matmul` before compiling, or lazily at the first
+    eager bf16/fp16 call. Deciding runs the kernel once on a synthetic input against the dequantised result and
+    keeps it only if it agrees and does not raise. State: ``_fp8_matmul_state`` None (undecided), True (verified) or
+    False (dequantise), valid for the (device, activation dtype) in ``_fp8_matmul_key``.
     """
 
     # The loader (checkpoints.load_weights_) consults these two hooks.
@@ -172,7 +181,8 @@ class Fp8ScaledLinear(torch.nn.Module):
             self.register_parameter("bias", None)
         self.register_buffer("scale_weight", torch.ones((), device=device, dtype=torch.float32))
         self.fp8_matmul = fp8_matmul
-        self._fp8_matmul_state = None  # None: untested, True: verified, False: disabled
+        self._fp8_matmul_state = None  # None: undecided, True: verified, False: dequantise ...
+        self._fp8_matmul_key = None  # ... for this (device, activation dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight.dtype}"
@@ -213,38 +223,92 @@ class Fp8ScaledLinear(torch.nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
-    def _can_use_fp8_matmul(self, x: torch.Tensor) -> bool:
-        return (self.fp8_matmul and self._fp8_matmul_state is not False
-                and self.weight.dtype == torch.float8_e4m3fn and self.scale_weight.numel() == 1
-                and x.dtype in (torch.bfloat16, torch.float16)
-                and self.in_features % 16 == 0 and self.out_features % 16 == 0
-                and _supports_fp8_matmul(x.device))
+    def fp8_matmul_eligible(self, dtype: torch.dtype) -> bool:
+        """The static conditions of the _scaled_mm path: e4m3 weight, one scale, sizes multiple of 16, fp16/bf16
+        activations (the device is asked separately, fp8_matmul_supported)."""
+        return (self.fp8_matmul and self.weight.dtype == torch.float8_e4m3fn and self.scale_weight.numel() == 1
+                and dtype in _HALF and self.in_features % 16 == 0 and self.out_features % 16 == 0)
 
-    def _fp8_matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        scale_in = (flat.abs().amax().to(torch.float32) / E4M3_MAX).clamp(min=1e-12)
-        x_fp8 = (flat.to(torch.float32) / scale_in).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=scale_in,
-                               scale_b=self.scale_weight.to(torch.float32).reshape(()),
-                               bias=bias, out_dtype=x.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+    @torch.no_grad()
+    def verify_fp8_matmul(self, device, dtype: torch.dtype, rows: int = 32) -> bool:
+        """Run the _scaled_mm path once on a seeded synthetic input on ``device`` against the dequantised result:
+        True when it runs and agrees (relative error < 0.1; fp8 activations typically cost 1-3 %)."""
+        device = torch.device(device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(rows, self.in_features, generator=generator, device=device).to(dtype)
+        weight, scale = self.weight.to(device), self.scale_weight.to(device)
+        bias = None if self.bias is None else self.bias.to(device)
+        try:
+            out = _scaled_mm_linear(x, weight, scale, bias).float()
+        except (RuntimeError, NotImplementedError, TypeError):  # kernel missing for this device / shape / dtype
+            return False
+        reference = F.linear(x, (weight.float() * scale.float()).to(dtype), None if bias is None else bias.to(dtype))
+        reference = reference.float()
+        error = (out - reference).norm() / reference.norm().clamp(min=1e-12)
+        return bool(torch.isfinite(error) and error < 0.1)
+
+    def decide_fp8_matmul(self, device, dtype: torch.dtype, supported: Optional[bool] = None) -> bool:
+        """Decide (eager) whether calls on ``device`` with ``dtype`` activations use _scaled_mm; stores the decision
+        on the layer. ``supported``: the device's answer when already known (fp8_matmul_supported)."""
+        device = _exact_device(device)
+        if supported is None:
+            supported = fp8_matmul_supported(device)
+        use = bool(supported and self.fp8_matmul_eligible(dtype) and self.verify_fp8_matmul(device, dtype))
+        self._fp8_matmul_state, self._fp8_matmul_key = use, (device, dtype)
+        return use
+
+    def fp8_matmul_decided(self, device, dtype: torch.dtype) -> bool:
+        return self._fp8_matmul_state is not None and self._fp8_matmul_key == (device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._can_use_fp8_matmul(x):
-            try:
-                out = self._fp8_matmul_forward(x)
-            except RuntimeError:
-                self._fp8_matmul_state = False
-                return self._reference_forward(x)
-            if self._fp8_matmul_state is None:
-                ref = self._reference_forward(x).float()
-                err = (out.float() - ref).norm() / ref.norm().clamp(min=1e-12)
-                self._fp8_matmul_state = bool(err < 0.1)  # fp8 activations cost ~1-3 % typically
-                if not self._fp8_matmul_state:
-                    return ref.to(x.dtype)
-            return out
+        if x.dtype in _HALF and is_fp8(self.weight) and not self.fp8_matmul_decided(x.device, x.dtype) \
+                and not torch.compiler.is_compiling():
+            self.decide_fp8_matmul(x.device, x.dtype)  # first eager call; a compiled graph never verifies
+        if self._fp8_matmul_state and self._fp8_matmul_key == (x.device, x.dtype):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return _scaled_mm_linear(x, self.weight, self.scale_weight, bias)
         return self._reference_forward(x)
+
+
+def _scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ (weight * scale_weight)^T + bias with fp8 operands: x quantised to e4m3 with one dynamic scale (its
+    absolute max / 448), accumulated by torch._scaled_mm, result in x's dtype."""
+    in_features, out_features = weight.shape[1], weight.shape[0]
+    flat = x.reshape(-1, in_features)
+    scale_in = (flat.abs().amax().to(torch.float32) / E4M3_MAX).clamp(min=1e-12)
+    x_fp8 = (flat.to(torch.float32) / scale_in).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(x_fp8, weight.t(), scale_a=scale_in, scale_b=scale_weight.to(torch.float32).reshape(()),
+                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def prepare_fp8_matmul(model: torch.nn.Module, device, dtype: torch.dtype = torch.bfloat16, *,
+                       supported: Optional[bool] = None) -> dict:
+    """Decide, in eager and before torch.compile traces anything, which Fp8ScaledLinear layers of ``model`` compute
+    with torch._scaled_mm on ``device`` for ``dtype`` activations; the rest dequantise. Layers already decided for
+    this device are kept (a LoRA merge resets a layer to undecided). The kernel is verified once per distinct layer
+    shape (with that shape's first layer's weights, moved to ``device`` for the check if they live elsewhere, e.g.
+    block swap). ``supported``: override the device check (tests). Returns counts {"scaled_mm": n, "dequantize": m}.
+    """
+    device = _exact_device(device)
+    if supported is None:
+        supported = fp8_matmul_supported(device)
+    verified: dict = {}
+    counts = {"scaled_mm": 0, "dequantize": 0}
+    for layer in model.modules():
+        if not isinstance(layer, Fp8ScaledLinear) or not is_fp8(layer.weight):
+            continue
+        if not layer.fp8_matmul_decided(device, dtype):
+            shape = (layer.in_features, layer.out_features, layer.bias is not None)
+            if not (supported and layer.fp8_matmul_eligible(dtype)):
+                layer._fp8_matmul_state, layer._fp8_matmul_key = False, (device, dtype)
+            elif shape in verified:
+                layer._fp8_matmul_state, layer._fp8_matmul_key = verified[shape], (device, dtype)
+            else:
+                verified[shape] = layer.decide_fp8_matmul(device, dtype, supported=True)
+        counts["scaled_mm" if layer._fp8_matmul_state else "dequantize"] += 1
+    return counts
 
 
 def fp8_ops(base_ops=None, *, fp8_matmul: bool = True):

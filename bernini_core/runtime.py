@@ -89,12 +89,19 @@ class ModelHandle:
     def load(self, memory_required: int = 0) -> torch.nn.Module:
         """Put the module on its load device. `memory_required`: working memory (bytes) the caller will need
         beside the weights; a memory manager (ComfyUI's) frees that much, the standalone policy ignores it."""
-        self.module.to(self.load_device)
+        self._move(self.load_device)
         return self.module
 
     def offload(self) -> None:
         if self.offload_device != self.load_device:
-            self.module.to(self.offload_device)
+            self._move(self.offload_device)
+
+    def _move(self, device: torch.device) -> None:
+        swap = getattr(self.module, "block_swap", None)  # acceleration/block_swap.py: its host blocks stay put
+        if swap is not None:
+            swap.move_resident(device)
+        else:
+            self.module.to(device)
 
 
 # How many stages hold each module now, process-wide: a module can be shared by two pipelines (shared components or

@@ -81,13 +81,18 @@ class BerniniLoadRenderer:
                 "parallel": ("BERNINI_PARALLEL", {
                     "tooltip": "From Bernini Multi-GPU: the DiT experts load on a pool of GPUs (Ray workers) and "
                                "Sample Bernini Video renders there; unconnected = this process."}),
+                "compile": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "torch.compile the DiT blocks (one block's graph serves all): faster steps on a GPU "
+                               "with Triton; the first step of each expert and each new resolution includes the "
+                               "compile time (in the log)."}),
             },
         }
 
     def load(self, model, weight_dtype, attention, download, high_noise_model="none", low_noise_model="none",
-             text_encoder="none", vae="none", parallel=None):
+             text_encoder="none", vae="none", parallel=None, compile=False):
         return node_api.load_renderer(model, weight_dtype, attention, download, high_noise_model, low_noise_model,
-                                      text_encoder, vae, parallel=parallel)
+                                      text_encoder, vae, parallel=parallel, compile=compile)
 
 
 NODE_CLASS_MAPPINGS = {"BerniniLoadPlanner": BerniniLoadPlanner, "BerniniLoadRenderer": BerniniLoadRenderer}

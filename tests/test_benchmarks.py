@@ -1,8 +1,11 @@
 """The benchmark scripts run on the tiny config and their FLOP formula matches the anchor of docs/wan_qwen.md §5.1."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load(name):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
@@ -41,6 +45,96 @@ def test_renderer_benchmark_weight_formats():
     assert packed and all(m.weight.dtype == torch.uint8 for m in packed)
     fp8 = bench.build_model(cfg, "fp8", device, torch.float32, True)
     assert fp8.proj_out.weight.dtype == torch.float8_e4m3fn
+
+
+def _tiny_flops(tokens: int, rows: int = 512) -> float:
+    """docs/wan_qwen.md §5.1 written out for the tiny config (D = 48, F = 64, 2 blocks)."""
+    d, f = 48, 64
+    linear = 2 * tokens * (6 * d * d + 2 * d * f) + 4 * rows * d * d
+    return 2 * (linear + 4 * tokens * tokens * d + 4 * tokens * rows * d)
+
+
+def test_renderer_presets_give_the_real_token_counts():
+    bench = load("renderer")
+    cases = bench.cases_from(bench.parse_args(["--preset", "480p,720p", "--sources", "0,1"]))
+    # 81 frames -> 21 latent frames; 480x832 -> 30x52 patches, 720x1280 -> 45x80; one source doubles the tokens
+    assert [(c.height, c.width, c.frames, c.sources, c.tokens(bench.WAN22_A14B)) for c in cases] == [
+        (480, 832, 81, 0, 21 * 30 * 52), (480, 832, 81, 1, 2 * 21 * 30 * 52),
+        (720, 1280, 81, 0, 21 * 45 * 80), (720, 1280, 81, 1, 2 * 21 * 45 * 80)]
+
+
+def test_renderer_scales_k_blocks_to_the_whole_model(tmp_path, capsys):
+    """--blocks 1 of the tiny config's 2: time = t0 + (t_1 - t0)·2, FLOPs of both blocks, both streams' rows,
+    and the markdown / JSON files say it is scaled."""
+    bench = load("renderer")
+    md, js = tmp_path / "perf.txt", tmp_path / "perf.json"
+    bench.main(["--device", "cpu", "--dtype", "fp32", "--blocks", "1", "--sources", "0,1", "--warmup", "0",
+                "--repeats", "1", "--markdown", str(md), "--json", str(js)])
+    rows = json.loads(js.read_text())["rows"]
+    assert [(r["tokens"], r["impl"], r["mode"]) for r in rows] == [(48, "bernini", "eager"), (96, "bernini", "eager")]
+    for r in rows:  # 64x64x9: 3 latent frames x 4 x 4 patches per stream
+        assert abs(r["ms_forward"] - (r["ms_no_blocks"] + (r["ms_measured"] - r["ms_no_blocks"]) * 2)) < 1e-9
+        assert r["flops"] == _tiny_flops(r["tokens"])
+        assert abs(r["tflops"] - r["flops"] / (r["ms_forward"] / 1e3) / 1e12) < 1e-12
+    text = md.read_text()
+    assert "SCALED: 1 of 2 blocks" in text and "## Yardstick" in text and "| time per forward (median)" in text
+    assert "| 9x64x64 | 2       | 96 " in capsys.readouterr().out
+
+
+def test_renderer_diffusers_side_by_side_computes_the_same_function(tmp_path):
+    """diffusers' WanTransformer3DModel gets our weights: in fp32 its output equals ours to rounding; for one source
+    stream it runs one stream of twice the frames (same token count) and states no error."""
+    pytest.importorskip("diffusers")
+    bench = load("renderer")
+    js = tmp_path / "perf.json"
+    bench.main(["--device", "cpu", "--dtype", "fp32", "--sources", "0,1", "--warmup", "0", "--repeats", "1",
+                "--diffusers", "--strict", "--json", str(js)])
+    rows = {(r["impl"], r["sources"]): r for r in json.loads(js.read_text())["rows"]}
+    assert rows["diffusers", 0]["rel_error_vs_bernini"] < 1e-5
+    assert rows["diffusers", 1]["tokens"] == rows["bernini", 1]["tokens"] == 96
+    assert "rel_error_vs_bernini" not in rows["diffusers", 1] and "same tokens" in rows["diffusers", 1]["note"]
+
+
+def test_renderer_compiled_rows_report_compile_time(monkeypatch):
+    """A compiled row's first call (where compilation happens) is never timed, even with --warmup 0, and the extra
+    time of that call is the reported compile time (torch.compile is stubbed: tests/test_compile.py covers it)."""
+    bench = load("renderer")
+    compiled = []
+    monkeypatch.setattr(bench, "compile_model", lambda model, impl, backend, mode: compiled.append(impl) or "stub")
+    calls = []
+    real = bench.time_calls
+    monkeypatch.setattr(bench, "time_calls", lambda fn, device, warmup, repeats: calls.append(warmup) or
+                        real(fn, device, warmup, repeats))
+    runner = bench.Bench(bench.parse_args(["--device", "cpu", "--dtype", "fp32", "--warmup", "0", "--repeats", "1",
+                                           "--strict"]), log=lambda _: None)
+    runner.run_bernini("fp32", modes=["compiled"])
+    (row,) = runner.rows
+    assert compiled == ["bernini"] and calls == [1] and row["mode"] == "compiled" and "stub" in row["note"]
+    assert row["compile_s"] == max(row["first_call_s"] - row["ms_measured"] / 1e3, 0.0) and row["ms_forward"] > 0
+
+
+def test_renderer_block_swap_table(tmp_path):
+    """N of L blocks on the host: with K = L measured (bit-equal to no swap); with K < L extrapolated from the K-block
+    model's per-block times, host bytes = N whole blocks."""
+    bench = load("renderer")
+    from bernini_core.renderer.transformer import BerniniDiT
+
+    block = BerniniDiT(bench.load_config("tiny")).blocks[0]
+    block_bytes = sum(t.numel() * t.element_size() for t in block.state_dict().values())  # fp32
+    measured = bench.main(["--device", "cpu", "--dtype", "fp32", "--warmup", "0", "--repeats", "1",
+                           "--block_swap", "0,1,2"])["block_swap"]
+    assert [(r["blocks_on_host"], r["method"]) for r in measured] == [(0, "measured"), (1, "measured"),
+                                                                      (2, "measured")]
+    assert all(r["max_abs_diff_vs_no_swap"] == 0 for r in measured)
+    assert [round(r["host_weights_gib"] * 2**30) for r in measured] == [0, block_bytes, 2 * block_bytes]
+    scaled = bench.main(["--device", "cpu", "--dtype", "fp32", "--warmup", "0", "--repeats", "1", "--blocks", "1",
+                         "--block_swap", "0,2"])["block_swap"]
+    assert [r["method"] for r in scaled] == ["from 1-block timings"] * 2
+    for r in scaled:
+        n = r["blocks_on_host"]
+        t0 = scaled[0]["ms_forward"] - 2 * r["ms_block_resident"]
+        assert abs(r["ms_forward"] - (t0 + (2 - n) * r["ms_block_resident"] + n * r["ms_block_swapped"])) < 1e-6
+        assert round(r["host_weights_gib"] * 2**30) == n * block_bytes
 
 
 # -- benchmarks/planner.py ------------------------------------------------------------------------

@@ -40,6 +40,7 @@ CONTRACT = {
     ], [
         ("high_noise_model", "COMBO", "none"), ("low_noise_model", "COMBO", "none"),
         ("text_encoder", "COMBO", "none"), ("vae", "COMBO", "none"), ("parallel", "BERNINI_PARALLEL", None),
+        ("compile", "BOOLEAN", False),
     ], [("BERNINI_RENDERER", "renderer"), ("BERNINI_TEXT_ENCODER", "text_encoder"), ("BERNINI_VAE", "vae")]),
     "BerniniMultiGPU": ("Bernini Multi-GPU", "Bernini/loaders", [
         ("gpus", "STRING", "2", "single line"), ("ulysses", "INT", 0, 0, 64, None),

@@ -41,7 +41,7 @@ VIDEO_SOURCE_TASKS = ("v2v", "mv2v", "rv2v", "ads2v")
 CONTRACT_WIDGETS = {
     "BerniniLoadPlanner": ["model", "weight_dtype", "download"],
     "BerniniLoadRenderer": ["model", "weight_dtype", "attention", "download", "high_noise_model", "low_noise_model",
-                            "text_encoder", "vae"],
+                            "text_encoder", "vae", "compile"],
     "BerniniEncodePrompt": ["task", "prompt", "negative_prompt"],
     "BerniniSources": ["width", "height", "frames", "fps", "max_image_size", "video_fps", "reference_video_fps"],
     "BerniniPlanSemantics": ["planning_steps", "vit_denoising_steps", "vit_txt_cfg", "vit_img_cfg", "seed",
@@ -625,7 +625,7 @@ def test_fast_lora_workflow_runs_in_comfyui(pack, defs, comfy, tiny_renderer_dir
 # ------------------------------------------------------------------------------------------ templates, example media
 EXAMPLES = ROOT / "workflows" / "inputs"
 COMFY_SHIPS = {"example.png"}  # ComfyUI's own input/ folder holds this sample image (and no video)
-OPEN_VIEW = (1280, 640)  # the canvas docs/dev/gen_workflows.py frames (a 1366x768 screen less the menus)
+OPEN_VIEW = (1280, 640)  # bounds the view docs/dev/gen_workflows.py frames (VIEW: a 1280x720 page less the frontend chrome)
 TITLE_BAR = 30  # LiteGraph's NODE_TITLE_HEIGHT: the title bar is drawn above a node's pos
 
 

@@ -11,6 +11,9 @@ else sdpa).
 The flash/sage kernels take no key mask: masked calls (cross-attention of a batch whose contexts
 have different lengths) always go through SDPA, which is exact and cheap for a few hundred keys.
 
+The kernel is resolved once per forward (``resolve_attention`` -> ``AttentionKernel``, outside the DiT blocks), so
+the blocks carry no import, cache lookup or name check and torch.compile traces them without graph breaks.
+
 Sequence parallelism plugs in per call, never through process state: ``attention(..., sequence_parallel=handler)``
 calls ``handler(q, k, v, local_attention)`` instead of the local kernel, where ``local_attention(q, k, v)`` runs the
 selected kernel on whatever the handler gathered (bernini_core/parallel/ulysses.py; the DiT instance that holds the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -77,60 +81,83 @@ def check_backend(name: Optional[str]) -> str:
     return name
 
 
-def _resolve(name: str, q: torch.Tensor, masked: bool) -> str:
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    if name == "auto":
-        return "flash" if (q.is_cuda and half and not masked and _flash_module()[0] is not None) else "sdpa"
-    if name in ("flash", "sage"):
-        if masked:
-            return "sdpa"
-        if not (q.is_cuda and half):
-            raise BerniniError(
-                f"attention backend {name!r} needs CUDA tensors in float16/bfloat16 (got {q.dtype} on "
-                f"{q.device}); run the model in bf16 on a GPU, or choose 'sdpa' / 'auto'."
-            )
-    return name
-
-
-def _sdpa(q, k, v, key_mask):
+def _sdpa(q, k, v, key_mask=None):
     mask = None if key_mask is None else key_mask[:, None, None, :].to(device=q.device, dtype=torch.bool)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
 
-def _flash(q, k, v):
-    module, _ = _flash_module()
-    out = module.flash_attn_func(q, k, v, causal=False)
+def _flash(flash_attn_func, q, k, v):
+    out = flash_attn_func(q, k, v, causal=False)
     if isinstance(out, tuple):  # some FA3 releases also return the log-sum-exp
         out = out[0]
     return out
 
 
-def _sage(q, k, v):
-    return _import_optional("sageattention").sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+def _sage(sageattn, q, k, v):
+    return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
 
 
-def _local_attention(q, k, v, *, key_mask, backend):
-    kernel = _resolve(backend, q, key_mask is not None)
-    if kernel == "flash":
-        return _flash(q, k, v)
-    if kernel == "sage":
-        return _sage(q, k, v)
-    return _sdpa(q, k, v, key_mask)
+@dataclass(frozen=True)
+class AttentionKernel:
+    """The attention of one forward, resolved once outside the DiT blocks (resolve_attention): calling it does no
+    import, cache lookup or name check, so a compiled block traces straight into the kernel.
+
+    backend: the requested setting ("auto", "sdpa", ...); name: the kernel unmasked calls run ("sdpa", "flash",
+    "sage"); local: that kernel as ``(q, k, v) -> out``. Masked calls always run SDPA (module docstring).
+    """
+
+    backend: str
+    name: str
+    local: Callable
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
+                 sequence_parallel: Optional[Callable] = None) -> torch.Tensor:
+        if sequence_parallel is not None:
+            if key_mask is not None:
+                raise BerniniError("sequence-parallel self-attention does not support a key mask.")
+            return sequence_parallel(q, k, v, self.local)
+        if key_mask is not None:
+            return _sdpa(q, k, v, key_mask)
+        return self.local(q, k, v)
+
+
+def resolve_attention(backend: Optional[str], device, dtype: torch.dtype) -> AttentionKernel:
+    """The kernel a forward on ``device`` with ``dtype`` activations runs for the setting ``backend`` (None = auto).
+
+    "auto" takes FlashAttention on CUDA with fp16/bf16 when it imports, else SDPA; "flash" / "sage" need CUDA and
+    fp16/bf16 (BerniniError otherwise, before any work).
+    """
+    name = check_backend(backend)
+    device = torch.device(device)
+    fast_capable = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    flash_module = _flash_module()[0]
+    if name == "auto":
+        name_run = "flash" if fast_capable and flash_module is not None else "sdpa"
+    else:
+        name_run = name
+        if name in ("flash", "sage") and not fast_capable:
+            raise BerniniError(
+                f"attention backend {name!r} needs CUDA tensors in float16/bfloat16 (got {dtype} on "
+                f"{device}); run the model in bf16 on a GPU, or choose 'sdpa' / 'auto'."
+            )
+    if name_run == "flash":
+        local = functools.partial(_flash, flash_module.flash_attn_func)
+    elif name_run == "sage":
+        local = functools.partial(_sage, _import_optional("sageattention").sageattn)
+    else:
+        local = _sdpa
+    return AttentionKernel(name, name_run, local)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
-              backend: Optional[str] = None, sequence_parallel: Optional[Callable] = None) -> torch.Tensor:
+              backend=None, sequence_parallel: Optional[Callable] = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v over [B, L, heads, head_dim] tensors.
 
-    key_mask: optional bool [B, Lk], True = key attended. sequence_parallel: for sharded self-attention, a
-    handler ``(q, k, v, local_attention) -> out`` (e.g. a bound ``UlyssesAttention``) that runs the selected
-    kernel on the gathered sequence; None attends locally.
+    backend: an AttentionKernel from resolve_attention (what the DiT passes its blocks), or a setting name / None
+    resolved here for q's device and dtype. key_mask: optional bool [B, Lk], True = key attended.
+    sequence_parallel: for sharded self-attention, a handler ``(q, k, v, local_attention) -> out`` (e.g. a bound
+    ``UlyssesAttention``) that runs the selected kernel on the gathered sequence; None attends locally.
     """
-    backend = check_backend(backend)
-    if sequence_parallel is not None:
-        if key_mask is not None:
-            raise BerniniError("sequence-parallel self-attention does not support a key mask.")
-        local = functools.partial(_local_attention, key_mask=None, backend=backend)
-        return sequence_parallel(q, k, v, local)
-    return _local_attention(q, k, v, key_mask=key_mask, backend=backend)
+    kernel = backend if isinstance(backend, AttentionKernel) else resolve_attention(backend, q.device, q.dtype)
+    return kernel(q, k, v, key_mask=key_mask, sequence_parallel=sequence_parallel)

@@ -7,8 +7,11 @@ with omega_axis,k = theta^(-2k/d_axis) over the t/h/w split of the head and
 omega'_k = theta^(-2k/head_dim) over all head_dim/2 pairs. sid = 0 (the target) is plain Wan RoPE.
 
 Numerics follow the official code: angle tables in float64, turned into unit complex numbers and
-multiplied (3D part x source phase) in complex128; q/k are rotated as interleaved pairs
-(x[2k], x[2k+1]) by complex128 multiplication and cast back (docs/official_behaviour.md §4.3 "complex fp64").
+multiplied (3D part x source phase) in complex128 (docs/official_behaviour.md §4.3 "complex fp64"). The per-call
+rotation of q/k is the same complex128 product written out in real float64 arithmetic on the cached real and
+imaginary parts of that table,
+    out[2k] = x[2k] cos - x[2k+1] sin,   out[2k+1] = x[2k] sin + x[2k+1] cos,
+so no complex tensor is materialised per call and torch.compile can fuse it (inductor has no complex dtypes).
 """
 
 from __future__ import annotations
@@ -76,17 +79,32 @@ def stream_frequencies(grid: Sequence[int], source_id: float, head_dim: int, dev
     return freqs
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, L, heads, head_dim] by freqs complex128 [L, head_dim/2]; returns x's dtype."""
-    pairs = torch.view_as_complex(x.to(torch.float64).unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(-2).to(x.dtype)
+def rotation_table(freqs: torch.Tensor) -> torch.Tensor:
+    """float64 [L, head_dim] = [cos | sin] (real | imaginary parts) of a complex128 [L, head_dim/2] table.
+
+    One real 2D tensor, so that sequence-parallel sharding along tokens works unchanged; a zero (padding) row is a
+    zero rotation exactly as a zero complex row was.
+    """
+    return torch.cat([freqs.real, freqs.imag], dim=-1).contiguous()
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, L, heads, head_dim] by a float64 [L, head_dim] rotation table ([cos | sin], see
+    rotation_table); float64 arithmetic, returns x's dtype. Equal to the complex128 product of the official code."""
+    cos, sin = table[None, :, None, :].chunk(2, dim=-1)
+    pairs = x.to(torch.float64).unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
 
 
 class RopeTableCache:
-    """Per-call constant RoPE tables, keyed by the stream grids, their source ids and the device.
+    """Per-call constant RoPE rotation tables (float64 [tokens, head_dim], see rotation_table), keyed by the
+    stream grids, their source ids and the device.
 
     A sampler calls the DiT with a handful of stream layouts (guidance arms) every step; each layout's
-    table is built once. Small LRU so that changing resolution does not grow memory without bound.
+    table is built once (in complex128, then kept as its real parts only). Small LRU so that changing resolution
+    does not grow memory without bound.
     """
 
     def __init__(self, head_dim: int, max_positions: int, max_entries: int = 8):
@@ -126,7 +144,8 @@ class RopeTableCache:
                     f"{self.max_positions} positions per axis (rope_max_seq_len); use fewer frames or a "
                     "smaller resolution."
                 )
-        table = torch.cat([stream_frequencies(g, s, self.head_dim, device) for g, s in zip(grids, sids)], dim=0)
+        freqs = torch.cat([stream_frequencies(g, s, self.head_dim, device) for g, s in zip(grids, sids)], dim=0)
+        table = rotation_table(freqs)
         self._tables[key] = table
         self.builds += 1
         while len(self._tables) > self.max_entries:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import BerniniError
 from ..ops import resolve_ops
-from .attention import attention, check_backend
+from .attention import attention, check_backend, resolve_attention
 from .config import DiTConfig
 from .rope import RopeTableCache, apply_rope
 
@@ -228,6 +228,16 @@ class EmbeddedContext:
     key_mask: Optional[torch.Tensor]  # [B, rows] bool or None
 
 
+@dataclass
+class EmbeddedTime:
+    """One denoising step's timestep embedding (``BerniniDiT.embed_time``): the same for every guidance arm of the
+    step, so a sampler computes it once per step and expert instead of once per forward."""
+
+    timestep: torch.Tensor  # the tensor it was made from (forward checks it is the one it is given)
+    temb: torch.Tensor  # [B, D] in the compute dtype (the output norm's modulation)
+    modulation: torch.Tensor  # [B, 6, D] (the blocks' AdaLN shift/scale/gate)
+
+
 class BerniniDiT(nn.Module):
     """Wan2.2-A14B / Wan2.1-1.3B DiT with Bernini's in-context streams and SA-3D RoPE."""
 
@@ -288,12 +298,14 @@ class BerniniDiT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, streams: Sequence[torch.Tensor], source_ids: Sequence[float], timestep: torch.Tensor,
-                context: torch.Tensor, context_lens: Optional[Sequence[int]] = None) -> torch.Tensor:
+                context: torch.Tensor, context_lens: Optional[Sequence[int]] = None, *,
+                embedded_time: Optional[EmbeddedTime] = None) -> torch.Tensor:
         """Velocity of the target (last) stream, [B, out_channels, T, H, W] in the target's dtype.
 
         streams: latents [B, in_channels, T_i, H_i, W_i], sources first, noisy target last.
         source_ids: one float per stream (target normally 0.0). timestep: [B] values in 0..1000.
         context: [B, L, text_dim]; context_lens: per-sample valid rows when L is a common padded length.
+        embedded_time: ``embed_time(timestep)`` made once for all forwards of a step (or pass it as `timestep`).
         """
         grids = self._check_streams(streams, source_ids)
         target = streams[-1]
@@ -301,16 +313,20 @@ class BerniniDiT(nn.Module):
         device = target.device
         batch = target.shape[0]
 
-        timestep = torch.as_tensor(timestep, device=device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
-        if timestep.shape != (batch,):
-            raise BerniniError(f"timestep: expected shape [{batch}] (one value per sample), got {list(timestep.shape)}.")
+        if isinstance(timestep, EmbeddedTime):
+            timestep, embedded_time = timestep.timestep, timestep
+        if embedded_time is None:
+            embedded_time = self.embed_time(timestep, batch=batch, device=device)
+        elif embedded_time.timestep is not timestep or embedded_time.modulation.shape[0] != batch:
+            raise BerniniError(
+                f"embedded_time: made from another timestep tensor or for batch {embedded_time.modulation.shape[0]} "
+                f"(streams have batch {batch}); pass embed_time(timestep) of this very timestep tensor.")
 
         x = torch.cat([self.patch_embedding(s.to(dtype)).flatten(2).transpose(1, 2) for s in streams], dim=1)
         x = x.contiguous()
         rope_freqs = self.rope_cache.get(grids, source_ids, device)
-        temb, modulation = self.condition_embedder.time(timestep, dtype)
+        attention_kernel = resolve_attention(self.attention_backend, device, dtype)  # once, outside the blocks
+        temb, modulation = embedded_time.temb, embedded_time.modulation
         if not isinstance(context, EmbeddedContext):
             context = self.embed_context(context, context_lens, device=device)
         elif context.hidden.shape[0] != batch:
@@ -324,8 +340,9 @@ class BerniniDiT(nn.Module):
             x, length = parallel.shard(x, dim=1)
             rope_freqs, _ = parallel.shard(rope_freqs, dim=0)
             attend = parallel.bind(length)
-        for block in self.blocks:
-            x = block(x, context, modulation, rope_freqs, key_mask, self.attention_backend, sequence_parallel=attend)
+        swap = getattr(self, "block_swap", None)  # acceleration/block_swap.py streams host-held blocks in
+        for block in (self.blocks if swap is None else swap.blocks()):
+            x = block(x, context, modulation, rope_freqs, key_mask, attention_kernel, sequence_parallel=attend)
         if parallel is not None:
             x = parallel.gather(x, length, dim=1)
 
@@ -344,6 +361,19 @@ class BerniniDiT(nn.Module):
         device = self.patch_embedding.weight.device if device is None else torch.device(device)
         hidden, key_mask = self._prepare_context(context, context_lens, context.shape[0], self.compute_dtype, device)
         return EmbeddedContext(self.condition_embedder.text_embedder(hidden), key_mask)
+
+    def embed_time(self, timestep, *, batch: Optional[int] = None, device=None) -> EmbeddedTime:
+        """Timestep embedding and block modulation of one step ([B] values in 0..1000, or one value for `batch`
+        samples); pass it as `embedded_time` to every forward of the step with that same timestep tensor."""
+        device = self.patch_embedding.weight.device if device is None else torch.device(device)
+        values = torch.as_tensor(timestep, device=device)
+        if values.ndim == 0:
+            values = values.expand(1 if batch is None else batch)
+        if values.ndim != 1 or (batch is not None and values.shape[0] != batch):
+            expected = "[B]" if batch is None else f"[{batch}]"
+            raise BerniniError(f"timestep: expected shape {expected} (one value per sample), got {list(values.shape)}.")
+        temb, modulation = self.condition_embedder.time(values, self.compute_dtype)
+        return EmbeddedTime(timestep, temb, modulation)
 
     def _check_streams(self, streams, source_ids) -> list[tuple[int, int, int]]:
         cfg = self.config

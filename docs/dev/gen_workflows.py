@@ -44,22 +44,26 @@ ROLE_IDS = {"BerniniLoadPlanner": 1, "BerniniLoadRenderer": 2, "BerniniEncodePro
 DISTILL_LORAS = {"high": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
                  "low": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"}
 MULTILINE_H, WIDGET_H, SLOT_H, TITLE_H = 96, 26, 22, 30
-# The canvas a workflow file opens on: a 1366x768 screen less the frontend's menu bar and side toolbar. extra.ds
-# (LiteGraph: canvas = (graph + offset) * scale) centres the bounding box of every node, title bars included, in it
-# with a margin. Frontend 1.49 restores extra.ds for a workflow file and fits the view itself for a template.
-VIEWPORT, VIEW_MARGIN = (1280, 640), 40
+# The view a workflow file opens on. ComfyUI's frontend 1.49 restores extra.ds when a workflow file is opened (Open /
+# drag-drop; LiteGraph: page pixel = (graph + offset) * scale, the canvas filling the page from its top-left corner)
+# and fits the view itself for a template. Its chrome floats over the canvas: the tab bar (38 px on top), the side
+# toolbar (59 px on the left), the view-mode toggle and the Run bar (down to 94 px), and at the bottom right the
+# minimap and zoom controls (64 px up and more). VIEW is what a 1280x720 page (a small laptop's) leaves free, less a
+# 16 px margin, as (left, top, right, bottom); a larger page shows the same view with more room right and below.
+VIEW = (59 + 16, 94 + 16, 1280 - 16, 720 - 64 - 16)
 
 
 def view_framing(nodes):
-    """extra.ds that shows every node (pos = the body's top-left corner; the title bar is TITLE_H above it)."""
+    """extra.ds that shows every node (pos = the body's top-left corner; the title bar is TITLE_H above it) inside
+    VIEW: centred across, and at VIEW's top, away from the minimap at the bottom right (the graphs are wide)."""
     x0 = min(n["pos"][0] for n in nodes)
     y0 = min(n["pos"][1] - TITLE_H for n in nodes)
     x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
     y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
-    scale = min((VIEWPORT[0] - 2 * VIEW_MARGIN) / (x1 - x0), (VIEWPORT[1] - 2 * VIEW_MARGIN) / (y1 - y0), 1.0)
+    left, top, right, bottom = VIEW
+    scale = min((right - left) / (x1 - x0), (bottom - top) / (y1 - y0), 1.0)
     scale = int(scale * 1000) / 1000  # rounded down: the box only shrinks
-    offset = [round(VIEWPORT[0] / (2 * scale) - (x0 + x1) / 2, 1),
-              round(VIEWPORT[1] / (2 * scale) - (y0 + y1) / 2, 1)]
+    offset = [round((left + right) / (2 * scale) - (x0 + x1) / 2, 1), round(top / scale - y0, 1)]
     return {"scale": scale, "offset": offset}
 
 
