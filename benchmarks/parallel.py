@@ -75,6 +75,7 @@ from bernini_core.sampling.guidance_full import FULL_MODES  # noqa: E402
 def _load_renderer_benchmark():
     spec = importlib.util.spec_from_file_location("_bernini_bench_renderer", Path(__file__).with_name("renderer.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 

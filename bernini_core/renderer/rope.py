@@ -7,11 +7,11 @@ with omega_axis,k = theta^(-2k/d_axis) over the t/h/w split of the head and
 omega'_k = theta^(-2k/head_dim) over all head_dim/2 pairs. sid = 0 (the target) is plain Wan RoPE.
 
 Numerics follow the official code: angle tables in float64, turned into unit complex numbers and
-multiplied (3D part x source phase) in complex128 (docs/official_behaviour.md §4.3 "complex fp64"). The per-call
-rotation of q/k is the same complex128 product written out in real float64 arithmetic on the cached real and
-imaginary parts of that table,
+multiplied (3D part x source phase) in complex128 (docs/official_behaviour.md §4.3 "complex fp64"), then cached as
+real float64 (cos, sin) pairs. q/k pairs (x[2k], x[2k+1]) are rotated by that complex128 product: eagerly as
+complex numbers (a view of the cached table), under torch.compile written out in real float64 arithmetic,
     out[2k] = x[2k] cos - x[2k+1] sin,   out[2k+1] = x[2k] sin + x[2k+1] cos,
-so no complex tensor is materialised per call and torch.compile can fuse it (inductor has no complex dtypes).
+which inductor fuses into one kernel (it has no complex dtypes). Both give the official result bit for bit.
 """
 
 from __future__ import annotations
@@ -80,22 +80,39 @@ def stream_frequencies(grid: Sequence[int], source_id: float, head_dim: int, dev
 
 
 def rotation_table(freqs: torch.Tensor) -> torch.Tensor:
-    """float64 [L, head_dim] = [cos | sin] (real | imaginary parts) of a complex128 [L, head_dim/2] table.
+    """float64 [L, head_dim] holding a complex128 [L, head_dim/2] table as interleaved (cos, sin) pairs: the same
+    bytes as ``view_as_real(freqs)``, so an eager call views it as complex for free.
 
     One real 2D tensor, so that sequence-parallel sharding along tokens works unchanged; a zero (padding) row is a
     zero rotation exactly as a zero complex row was.
     """
-    return torch.cat([freqs.real, freqs.imag], dim=-1).contiguous()
+    return torch.view_as_real(freqs).flatten(-2).contiguous()
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, L, heads, head_dim] by a float64 [L, head_dim] rotation table ([cos | sin], see
-    rotation_table); float64 arithmetic, returns x's dtype. Equal to the complex128 product of the official code."""
-    cos, sin = table[None, :, None, :].chunk(2, dim=-1)
+    """Rotate x [B, L, heads, head_dim] by a float64 [L, head_dim] rotation table (see rotation_table); float64
+    arithmetic, returns x's dtype. Equal to the complex128 product of the official code, bit for bit.
+
+    Eager runs that complex128 product itself (three kernels: the fewest bytes moved); under torch.compile the same
+    product is written in real arithmetic, which inductor fuses into one kernel (it has no complex dtypes)."""
+    if torch.compiler.is_compiling():
+        return rotate_real(x, table)
+    return rotate_complex(x, table)
+
+
+def rotate_complex(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    pairs = torch.view_as_complex(x.to(torch.float64).unflatten(-1, (-1, 2)))
+    rotation = torch.view_as_complex(table.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation[None, :, None, :]).flatten(-2).to(x.dtype)
+
+
+def rotate_real(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(a + ib)(c + id) = (ac - bd) + i(ad + bc), element by element in float64."""
+    rotation = table.unflatten(-1, (-1, 2))[None, :, None]
+    cos, sin = rotation[..., 0], rotation[..., 1]
     pairs = x.to(torch.float64).unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 class RopeTableCache:

@@ -21,6 +21,7 @@ FAST_PLAN = ["--planning_step", "2", "--vit_denoising_step", "1"]
 def load(name):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
