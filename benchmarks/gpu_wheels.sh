@@ -6,9 +6,6 @@
 # DIFFUSERS_VERSION overrides the pin (the version the benchmark was written against).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exclude="$(git rev-parse --git-path info/exclude)"  # keep the wheels out of git without editing .gitignore
-mkdir -p "$(dirname "$exclude")"
-grep -qxF '/.gpu_wheels/' "$exclude" 2>/dev/null || echo '/.gpu_wheels/' >> "$exclude"
 rm -rf .gpu_wheels
 python3 -m pip download --quiet --no-deps --only-binary=:all: -d .gpu_wheels \
     "diffusers==${DIFFUSERS_VERSION:-0.42.1}" "gguf"

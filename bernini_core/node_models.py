@@ -214,13 +214,10 @@ def load_renderer(name: str, weight_dtype: str = "bf16", attention: str = "auto"
     if not isinstance(compile, bool):
         raise BerniniError(f"Load Bernini Renderer: compile must be true or false, got {compile!r}.")
     if parallel is not None:
-        if compile:
-            raise BerniniError("Load Bernini Renderer: compile is not available with Bernini Multi-GPU yet (the "
-                               "pool's ranks run eagerly); set compile to false.")
         from .parallel.pool.nodes import load_pooled_renderer
 
         return load_pooled_renderer(name, weight_dtype, attention, download, high_noise_model, low_noise_model,
-                                    text_encoder, vae, parallel)
+                                    text_encoder, vae, parallel, compile=compile)
     if weight_dtype not in RENDERER_DTYPES:
         raise BerniniError(f"Load Bernini Renderer: weight_dtype must be one of {', '.join(RENDERER_DTYPES)}, "
                            f"got {weight_dtype!r}.")

@@ -82,6 +82,15 @@ def _checks() -> dict:
         r["ulysses_ranks"] = list(state.ulysses_ranks)
         r["resharded_after_forward"] = all(isinstance(p, DTensor) for p in sharded.parameters())
         if name == "fp32":
+            # --fsdp with --compile: blocks compiled after sharding (aot_eager traces without a compiler)
+            from bernini_core.acceleration.compile import compile_blocks
+
+            compiled = _dit(dtype)
+            compiled.use_sequence_parallel(state.sequence_parallel())
+            shard_expert(compiled, state, "cpu")
+            compile_blocks(compiled, backend="aot_eager")
+            got = compiled(**first)
+            r["compiled_rel"], r["compiled_rel_plain"] = rel_err(got, ulysses(**first)), rel_err(got, plain(**first))
             # what an offload / reload does (.to(device) replaces every shard): still the same forward
             sharded.to(torch.float64)
             sharded.to(torch.float32)
@@ -115,6 +124,14 @@ def test_sharded_forwards_equal_the_unsharded_ones(world, dtype):
         assert r["embed_equal"] and r["embedded_forward_equal"], f"rank {rank} ({dtype}): embed_context differs"
         assert r["dtypes_kept"] and r["islands_fp32"], f"rank {rank} ({dtype}): sharding changed parameter dtypes"
         assert r["resharded_after_forward"], f"rank {rank} ({dtype}): whole parameters were left after a forward"
+
+
+def test_compiled_sharded_blocks_equal_the_unsharded_forward(world):
+    for rank, result in enumerate(world):
+        r = result["fp32"]
+        assert r["compiled_rel"] <= TOLERANCE and r["compiled_rel_plain"] <= TOLERANCE, (
+            f"rank {rank}: FSDP-sharded compiled blocks differ by {r['compiled_rel']:.3g} (Ulysses) / "
+            f"{r['compiled_rel_plain']:.3g} (one process)")
 
 
 def test_the_mesh_is_the_ulysses_group(world):

@@ -77,6 +77,21 @@ def _compare_dit(plain: BerniniDiT, handler, case: str, seed: int) -> dict:
             "checksum": float(sharded.double().sum())}
 
 
+@torch.no_grad()
+def _compare_compiled(plain: BerniniDiT, handler, case: str, seed: int) -> dict:
+    """A Ulysses-sharded DiT whose blocks are compiled (acceleration/compile.py; aot_eager traces without a compiler):
+    the all-to-all inside the blocks' attention must still give the plain forward."""
+    from bernini_core.acceleration.compile import compile_blocks
+
+    inputs = case_inputs(case, seed)
+    reference = plain(**inputs)
+    parallel = tiny_dit()
+    parallel.use_sequence_parallel(handler)
+    compile_blocks(parallel, backend="aot_eager")
+    sharded = parallel(**inputs)
+    return {"rel": rel_err(sharded, reference), "compiled": parallel.compiled_blocks is not None}
+
+
 def _all_to_all_checks(state: ParallelState) -> dict:
     """seq_to_heads moves the right rows; heads_to_seq inverts it; gather_sequence undoes shard_sequence."""
     from bernini_core.parallel import gather_sequence, heads_to_seq, seq_to_heads
@@ -125,6 +140,8 @@ def world_main(rank: int, world: int) -> dict:
     out["attend_padding_mixed"] = _compare_dit(plain, state.sequence_parallel(attend_padding=True), "mixed", 5)
     out["attend_padding_no_padding"] = _compare_dit(plain, state.sequence_parallel(attend_padding=True),
                                                     "no_padding", 5)
+    if world == 2:
+        out["compiled_mixed"] = _compare_compiled(plain, handler, "mixed", 5)
     if world == 4:
         layouts = {"u2c2": ParallelConfig(ulysses=2, cfg=2), "u2d2": ParallelConfig(ulysses=2, dp=2),
                    "u1c2d2": ParallelConfig(cfg=2, dp=2), "u4": ParallelConfig(ulysses=4)}
@@ -175,6 +192,13 @@ def test_sharded_dit_equals_the_single_process_forward(world, case):
             f"by {measured['rel']:.3g} (relative to max |output|)")
         assert measured["plain_untouched"], f"U={size} rank {rank}: the plain DiT changed"
     assert len({r[f"dit_{case}"]["checksum"] for r in results}) == 1, "ranks of one group got different outputs"
+
+
+def test_compiled_sharded_dit_equals_the_single_process_forward(world2):
+    for rank, result in enumerate(world2):
+        measured = result["compiled_mixed"]
+        assert measured["compiled"] and measured["rel"] <= TOLERANCE, (
+            f"rank {rank}: compiled blocks under Ulysses differ from the plain forward by {measured['rel']:.3g}")
 
 
 def test_attending_padding_keys_would_break_the_equality(world):

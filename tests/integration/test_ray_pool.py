@@ -68,8 +68,8 @@ def pack(comfy_world):
         sys.modules.pop(key)
 
 
-def load(pack, model, parallel=None):
-    return pack.BerniniLoadRenderer.load(model, "fp32", "auto", "never", parallel=parallel)
+def load(pack, model, parallel=None, compile=False):
+    return pack.BerniniLoadRenderer.load(model, "fp32", "auto", "never", parallel=parallel, compile=compile)
 
 
 def multi_gpu(pack, gpus="2", ulysses=0, cfg=1):
@@ -113,6 +113,19 @@ def test_ulysses_and_arm_groups_equal_one_process(pack, comfy_world, reference_r
         assert [(v, t) for v, t, _ in sample_bars[-1].updates] == [(1, 3), (2, 3), (3, 3)]
         assert sample_bars[-1].updates[-1][2] is not None
         pool.shutdown()
+
+
+def test_compiled_pool_equals_one_process(pack, reference_r, monkeypatch):
+    """The loader's compile switch with Bernini Multi-GPU: every rank compiles its experts' blocks (aot_eager here,
+    named in the driver and carried by the pool's spec: no C++ compiler needed on the CPU workers)."""
+    from bernini_core.acceleration import settings
+
+    monkeypatch.setattr(settings, "DEFAULT_COMPILE_BACKEND", "aot_eager")
+    loaded = load(pack, "Bernini-R-Diffusers", multi_gpu(pack, ulysses=2), compile=True)
+    pool = loaded[0].pool
+    assert pool.spec["compile"] == "aot_eager" and pool.loaded["compiled"]
+    assert relative(chain(pack, loaded), reference_r) <= 1e-5
+    pool.shutdown()
 
 
 def test_full_bernini_v2v_on_the_pool_equals_one_process(pack, media_video):

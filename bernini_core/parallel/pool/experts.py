@@ -3,6 +3,8 @@
 A spec is JSON-able (it crosses to the Ray actors): {"kind": "folder", "path": ...} for an official / models/bernini
 folder (full Bernini or Bernini-R; the loader node's settings), or {"kind": "files", "high": ..., "low": ... | None,
 "keep_fp8": bool} for ComfyUI single files (safetensors or GGUF). Paths must resolve on every node of the cluster.
+Optional keys: "loras" (Apply Bernini LoRA) and "compile" (a torch.compile backend name: the ranks compile their
+experts' blocks once the layout is set, pool/worker.py).
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ SINGLE_FILES, NONE = "single files", "none"
 
 
 def load_pooled_renderer(name, weight_dtype, attention, download, high_noise_model, low_noise_model, text_encoder,
-                         vae, options):
+                         vae, options, compile=False):
     """node_models.load_renderer with its experts on a pool: (renderer, text encoder, VAE) handles whose renderer
     carries the started pool. The pool's errors (Ray missing or unreachable, too few GPUs, a path missing on a node)
-    come before any weight loads."""
+    come before any weight loads. `compile`: every rank compiles its experts' blocks (acceleration/compile.py)."""
     from ...node_models import (FULL_FAMILY, RendererModel, TextEncoderModel, VAEModel, _bernini_folder,
                                 _load_folder, _load_single_files)
 
@@ -42,6 +42,10 @@ def load_pooled_renderer(name, weight_dtype, attention, download, high_noise_mod
         spec = {"kind": "folder", "path": str(folder)}
         heads = _folder_heads(folder)
         label = name
+    if compile:  # the backend named here, where a test or a user may have set it, travels with the spec
+        from ...acceleration.settings import DEFAULT_COMPILE_BACKEND
+
+        spec["compile"] = DEFAULT_COMPILE_BACKEND
     pool = WorkerPool(options, spec, heads=heads, dtype=_pool_dtype(weight_dtype), attention=attention, label=label)
     pool.start()  # before the driver's own load: a pool that cannot start fails fast
     if name == SINGLE_FILES:

@@ -109,7 +109,14 @@ class RenderWorker:
         self.pipe = load_experts(spec, device=self.device, dtype=dtype, attention=attention, runtime=self.runtime)
         self.pipe.use_parallel(self.state, fsdp=fsdp)
         experts = self.pipe.experts
-        return {"family": self.pipe.family, "boundary": experts.boundary, "low": experts.low is not None}
+        if spec.get("compile"):  # after the layout: the blocks are compiled over their shards / Ulysses handler
+            from ...acceleration.settings import SpeedSettings
+
+            SpeedSettings(compile=True, compile_backend=spec["compile"]).apply(
+                (experts.high.module, None if experts.low is None else experts.low.module), self.device,
+                offload=self.runtime.offload)
+        return {"family": self.pipe.family, "boundary": experts.boundary, "low": experts.low is not None,
+                "compiled": getattr(experts.high.module, "compiled_blocks", None) is not None}
 
     # ------------------------------------------------------------------ runs
     def sample(self, request: dict) -> Optional[torch.Tensor]:
