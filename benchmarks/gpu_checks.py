@@ -14,6 +14,8 @@ Sections, run in this order (cheap and decisive first; each catches its own fail
   b  fp8-scaled Linear via torch._scaled_mm against bf16 compute on A14B-sized weights, and a whole block
   c  compiled block == eager (max error), compile time, graph breaks
   d  block swap equal to no swap, time and VRAM per N blocks on the host
+  g  ComfyUI's low-VRAM streaming (legacy ModelPatcher partial load) of a real-dims expert on our ComfyUI-ops
+     layers: full vs partial loads, equality, time, peak memory (benchmarks/gpu_comfyui.py)
   f  the yardstick (benchmarks/renderer.py): A14B, --blocks 2 scaled to 40, 480p / 720p, t2v / one source,
      bf16 / fp8 / compiled, diffusers side by side
 `--quick` runs every section on tiny shapes (a dry run on the CPU).
@@ -32,6 +34,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import renderer as bench  # noqa: E402  (benchmarks/renderer.py)
 from bernini_core.renderer.config import WAN22_A14B  # noqa: E402
 
-ORDER = "eabcdf"
+ORDER = "eabcdgf"
 MD = ".md"  # the result files' suffix (kept apart: a bare Markdown file name in this repository is a citation)
 TITLES = {"e": "No host-device sync in the step loop", "a": "Attention backends vs SDPA",
           "b": "fp8 scaled_mm vs bf16 compute", "c": "Compiled block vs eager", "d": "Block swap vs no swap",
-          "f": "Renderer yardstick (A14B, 2 blocks scaled to 40)"}
+          "f": "Renderer yardstick (A14B, 2 blocks scaled to 40)",
+          "g": "ComfyUI's low-VRAM streaming of our layers"}
 # Rough seconds a section needs on an H100; a section starts only with this much budget left.
-NEEDS = {"e": 20, "a": 20, "b": 15, "c": 60, "d": 30, "f": 60}
+NEEDS = {"e": 20, "a": 20, "b": 15, "c": 60, "d": 30, "f": 60, "g": 30}
 
 
 class Budget:
@@ -66,6 +70,7 @@ class Context:
     budget: Budget
     out: Path
     compile_backend: str
+    comfyui: Optional[str] = None
 
     @property
     def cfg(self):
@@ -518,7 +523,14 @@ def section_f(ctx: Context) -> tuple[str, dict]:
     return text, {"notes": notes, "rows": runner.rows}
 
 
-SECTIONS = {"e": section_e, "a": section_a, "b": section_b, "c": section_c, "d": section_d, "f": section_f}
+def section_g(ctx: Context) -> tuple[str, dict]:
+    import gpu_comfyui  # benchmarks/gpu_comfyui.py
+
+    return gpu_comfyui.section_g(ctx, bench, table, fmt, comfyui=ctx.comfyui)
+
+
+SECTIONS = {"e": section_e, "a": section_a, "b": section_b, "c": section_c, "d": section_d, "f": section_f,
+            "g": section_g}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -546,6 +558,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a dry run (CPU)")
     p.add_argument("--compile_backend", default="inductor")
+    p.add_argument("--comfyui", default=None, help="ComfyUI folder for section g (default: .gpu_comfyui/ComfyUI)")
     args = p.parse_args(argv)
 
     from bernini_core.runtime import resolve_device
@@ -555,7 +568,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     budget = Budget(args.budget)
-    ctx = Context(device=device, quick=args.quick, budget=budget, out=out, compile_backend=args.compile_backend)
+    ctx = Context(device=device, quick=args.quick, budget=budget, out=out, compile_backend=args.compile_backend,
+                  comfyui=args.comfyui)
     report = {"environment": environment(device), "budget_s": args.budget, "sections": {}}
     markdown = [f"# GPU checks ({report['environment']['device']}, {report['environment']['date']})", "",
                 "environment: " + ", ".join(f"{k} {v}" for k, v in report["environment"].items()), ""]

@@ -229,3 +229,18 @@ def test_planner_flops_match_the_qwen_anchor_and_a_flop_counter():
 
 
 # -- benchmarks/parallel.py -----------------------------------------------------------------------
+
+def test_gpu_checks_keep_going_after_a_failing_section(tmp_path, monkeypatch):
+    """The one-command GPU script: a section that raises is reported and the next one still runs and is written."""
+    checks = load("gpu_checks")
+
+    def broken(ctx):
+        raise RuntimeError("kernel missing")
+
+    monkeypatch.setattr(checks, "SECTIONS", {**checks.SECTIONS, "a": broken})
+    report = checks.main(["--quick", "--device", "cpu", "--sections", "ad", "--out", str(tmp_path)])
+    assert report["sections"]["a"]["error"] == "RuntimeError: kernel missing"
+    rows = report["sections"]["d"]["result"]["rows"]
+    assert [r["blocks_on_host"] for r in rows] == [0, 1, 2, 4] and all(r["equal_to_no_swap"] for r in rows)
+    written = (tmp_path / "gpu_checks.md").read_text()
+    assert "FAILED: RuntimeError: kernel missing" in written and "bit-equal to no swap" in written
