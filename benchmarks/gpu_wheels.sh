@@ -3,7 +3,8 @@
 #  - .gpu_wheels/: pure-Python diffusers (the side-by-side reference of benchmarks/renderer.py --diffusers) and gguf,
 #    and comfy-aimdo at the version ComfyUI 0.33.0 pins (comfy.model_patcher imports it; section g);
 #  - .gpu_comfyui/ComfyUI: the ComfyUI source the integration suite tests against, for section g, unpacked from
-#    $BERNINI_COMFYUI_SHARED or the nearest shared/comfyui above the checkout (skipped with a note when absent).
+#    $BERNINI_COMFYUI_SHARED or the comfyui folder of the nearest "shared" folder above the checkout (skipped with
+#    a note when absent).
 # The device command carries both and installs the wheels offline:
 #   pip install --no-deps --no-index .gpu_wheels/*.whl; python3 benchmarks/gpu_checks.py --out $OUT
 # DIFFUSERS_VERSION overrides the pin (the version the benchmark was written against).

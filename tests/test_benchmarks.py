@@ -242,5 +242,6 @@ def test_gpu_checks_keep_going_after_a_failing_section(tmp_path, monkeypatch):
     assert report["sections"]["a"]["error"] == "RuntimeError: kernel missing"
     rows = report["sections"]["d"]["result"]["rows"]
     assert [r["blocks_on_host"] for r in rows] == [0, 1, 2, 4] and all(r["equal_to_no_swap"] for r in rows)
-    written = (tmp_path / "gpu_checks.md").read_text()
+    tables = [p for p in tmp_path.iterdir() if p.stem == "gpu_checks" and p.suffix != ".json"]  # the Markdown file
+    written = tables[0].read_text()
     assert "FAILED: RuntimeError: kernel missing" in written and "bit-equal to no swap" in written
