@@ -526,7 +526,7 @@ def section_f(ctx: Context) -> tuple[str, dict]:
 def section_g(ctx: Context) -> tuple[str, dict]:
     import gpu_comfyui  # benchmarks/gpu_comfyui.py
 
-    return gpu_comfyui.section_g(ctx, bench, table, fmt, comfyui=ctx.comfyui)
+    return gpu_comfyui.section_g(ctx, bench, table, fmt, cuda_ms, comfyui=ctx.comfyui)
 
 
 SECTIONS = {"e": section_e, "a": section_a, "b": section_b, "c": section_c, "d": section_d, "f": section_f,

@@ -35,7 +35,8 @@ def find_comfyui(explicit=None):
 
 
 def import_comfy(root: Path, device: torch.device):
-    """comfy.model_management and friends from `root`, with ComfyUI's command line set for `device`."""
+    """Import comfy.model_management and comfy.model_patcher from `root`, with ComfyUI's command line set for
+    `device` (our bridge finds them in sys.modules)."""
     saved = sys.argv
     sys.argv = ["main.py"] + (["--cpu"] if device.type == "cpu" else [])
     sys.path.insert(0, str(root))
@@ -43,20 +44,20 @@ def import_comfy(root: Path, device: torch.device):
         import comfy.options
 
         comfy.options.enable_args_parsing()
-        import comfy.model_management as mm
+        import comfy.model_management  # noqa: F401
         import comfy.model_patcher  # noqa: F401  (what our bridge subclasses)
     finally:
         sys.argv = saved
-    return mm
 
 
-def section_g(ctx, bench, table, fmt, comfyui=None) -> tuple[str, dict]:
+def section_g(ctx, bench, table, fmt, cuda_ms, comfyui=None) -> tuple[str, dict]:
+    """bench: benchmarks/renderer.py; table, fmt, cuda_ms: gpu_checks.py's helpers."""
     root = find_comfyui(comfyui)
     if root is None:
         return ("skipped: no ComfyUI source (run benchmarks/gpu_wheels.sh here and carry .gpu_comfyui, or pass "
                 "--comfyui DIR)"), {"skipped": True}
     device = ctx.device
-    mm = import_comfy(root, device)
+    import_comfy(root, device)
     from bernini_core import comfy_bridge
     from bernini_core.renderer.transformer import BerniniDiT
 
@@ -93,7 +94,7 @@ def section_g(ctx, bench, table, fmt, comfyui=None) -> tuple[str, dict]:
             call = bench.bernini_call(dit, inputs)
             with torch.inference_mode():
                 out = call()
-                ms = ctx_ms(call, device)
+                ms = cuda_ms(call, device, 3)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             on_device = patcher.loaded_size()
         finally:
@@ -106,24 +107,9 @@ def section_g(ctx, bench, table, fmt, comfyui=None) -> tuple[str, dict]:
         result["rows"].append(row)
         rows.append((label, f"{on_device / 2**30:.2f}", streamed, fmt(ms, ".1f"), fmt(peak, ".2f"),
                      row["equal_to_full_load"], fmt(diff)))
-    del mm
     text = (f"ComfyUI at {root} ({result['patcher']}); {blocks}-block A14B expert on ComfyUI's ops, "
             f"{total / 2**30:.2f} GiB of weights, {case.tokens(cfg):,} tokens, bf16\n\n"
             + table(("load", "GiB on the GPU", "streamed layers", "ms / forward", "peak GiB", "bit-equal to full",
                      "max abs diff"), rows))
     return text, result
 
-
-def ctx_ms(call, device, repeats: int = 3) -> float:
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            times.append((time.perf_counter() - started) * 1e3)
-    return sorted(times)[len(times) // 2]

@@ -61,7 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bernini_core.renderer.config import WAN21_1_3B, WAN22_A14B, DiTConfig  # noqa: E402
 from bernini_core.gguf.dequant import QUANT_TYPES  # noqa: E402
 from bernini_core.gguf.layers import GGUFLinear, gguf_ops  # noqa: E402
-from bernini_core.quant import E4M3_MAX, Fp8ScaledLinear, fp8_ops  # noqa: E402
+from bernini_core.acceleration.compile import compile_blocks  # noqa: E402
+from bernini_core.quant import E4M3_MAX, Fp8ScaledLinear, fp8_ops, prepare_fp8_matmul  # noqa: E402
+from bernini_core.renderer.attention import resolve_attention  # noqa: E402
 from bernini_core.renderer.transformer import BerniniDiT, cast_dit_  # noqa: E402
 from bernini_core.runtime import resolve_device, resolve_dtype  # noqa: E402
 from bernini_core.tiny import TINY_DIT  # noqa: E402
@@ -198,20 +200,9 @@ def build_model(cfg: DiTConfig, fmt: str, device: torch.device, dtype: torch.dty
                 _pack_random_(layer, GGUF_FORMATS[fmt], device)
     if ops is not None:
         model.compute_dtype = compute
-    if fp8:
-        _prepare_fp8(model, device, compute)
+    if fp8:  # each fp8 layer's kernel (scaled_mm or dequantise) decided in eager, as the loader does
+        model.fp8_kernels = prepare_fp8_matmul(model, device, compute)
     return model.eval().requires_grad_(False)
-
-
-def _prepare_fp8(model, device, dtype) -> dict | None:
-    """Decide each fp8 layer's kernel (scaled_mm or dequantise) in eager, as the loader does; None if unavailable."""
-    try:
-        from bernini_core.quant import prepare_fp8_matmul
-    except ImportError:
-        return None
-    counts = prepare_fp8_matmul(model, device, dtype)
-    model.fp8_kernels = counts
-    return counts
 
 
 def _pack_random_(layer: GGUFLinear, code: int, device: torch.device) -> None:
@@ -247,13 +238,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def compile_model(model, impl: str, backend: str, mode: str | None) -> str:
     """Compile every transformer block in place (regional); returns how."""
     if impl == "bernini":
-        try:
-            from bernini_core.acceleration.compile import compile_blocks
-        except ImportError:
-            compile_blocks = None
-        if compile_blocks is not None:
-            compile_blocks(model, backend=backend, mode=mode)
-            return "compile_blocks"
+        compile_blocks(model, backend=backend, mode=mode)
+        return "compile_blocks"
     if impl == "diffusers" and hasattr(model, "compile_repeated_blocks") and getattr(model, "_repeated_blocks", None):
         model.compile_repeated_blocks(backend=backend, mode=mode)
         return "compile_repeated_blocks"
@@ -432,11 +418,8 @@ class Bench:
         keep_reference = args.diffusers and fmt in FLOAT_FORMATS and self.state is None
         for mode in self.modes(modes):
             if mode == "compiled":
-                try:
-                    how = compile_model(model, "bernini", args.compile_backend, args.compile_mode)
-                except Exception as error:
-                    for case in cases or self.cases:
-                        self.row(case, "bernini", fmt, mode, ms_forward=None, note=f"compile unavailable: {error}")
+                how = self._compile(model, "bernini", fmt, cases)
+                if how is None:
                     break
             for case in cases or self.cases:
                 def one(case=case, mode=mode):
@@ -456,6 +439,15 @@ class Bench:
         if keep_reference:
             self.state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
 
+    def _compile(self, model, impl: str, fmt: str, cases) -> str | None:
+        """compile_model's "how", or None after a "compile unavailable" row per case."""
+        try:
+            return compile_model(model, impl, self.args.compile_backend, self.args.compile_mode)
+        except Exception as error:
+            for case in cases or self.cases:
+                self.row(case, impl, fmt, "compiled", ms_forward=None, note=f"compile unavailable: {error}")
+            return None
+
     def run_diffusers(self, modes=None, cases=None) -> None:
         """Rows of diffusers' WanTransformer3DModel with our first float model's weights, per case and mode."""
         args = self.args
@@ -472,11 +464,8 @@ class Bench:
             return
         for mode in self.modes(modes):
             if mode == "compiled":
-                try:
-                    how = compile_model(model, "diffusers", args.compile_backend, args.compile_mode)
-                except Exception as error:
-                    for case in cases or self.cases:
-                        self.row(case, "diffusers", fmt, mode, ms_forward=None, note=f"compile unavailable: {error}")
+                how = self._compile(model, "diffusers", fmt, cases)
+                if how is None:
                     break
             for case in cases or self.cases:
                 def one(case=case, mode=mode):
@@ -712,12 +701,8 @@ def run(args, log=None) -> dict:
     first = next((r for r in bench.rows if r["impl"] == "bernini" and r.get("ms_forward") is not None), None)
     sections, report = [], {"notes": header_notes(bench), "rows": bench.rows}
     if first is not None:
-        try:
-            from bernini_core.renderer.attention import resolve_attention
-            first["attention"] = resolve_attention(args.attention, bench.device, resolve_dtype(first["format"]) if
-                                                   first["format"] in FLOAT_FORMATS else bench.dtype).name
-        except (ImportError, Exception):
-            first["attention"] = args.attention
+        first["attention"] = resolve_attention(args.attention, bench.device, resolve_dtype(first["format"]) if
+                                               first["format"] in FLOAT_FORMATS else bench.dtype).name
         params = sum(t.numel() for t in BerniniDiT(bench.cfg, device="meta").parameters())
         summary = summary_rows(bench, first, params)
         report["summary"] = dict(summary)

@@ -155,12 +155,7 @@ class BlockSwap:
     # ------------------------------------------------------------------ placement
     def _place(self) -> None:
         """Swapped blocks to the host (pinned under CUDA), every other weight to the device, one tensor at a time."""
-        swapped_ids = set()
-        for block in self._host_blocks.values():
-            swapped_ids.update(id(t) for t in block.tensors)
-        for tensor in _unique_tensors(self._dit):
-            if id(tensor) not in swapped_ids:
-                tensor.data = tensor.data.to(self.device)
+        self.move_resident(self.device)
         self.pinned = self._cuda and torch.cuda.is_available()
         for block in self._host_blocks.values():
             for tensor in block.tensors:
